@@ -1,0 +1,136 @@
+"""Per-element and per-row math shared by the forward and backward kernels.
+
+Notation, for one row of logits x (after the optional softcap) and one row of
+"target mass" q:
+  soft labels y:  q_c = w_c * ((1 - eps) * y_c + eps / V)
+  class index t:  q_c = (1 - eps) * w_t * [c == t] + eps / V * w_c
+  loss  = lse * sum(q) - sum(q * x) + z * lse**2
+  dloss/dx_c = softmax_c * (sum(q) + 2 * z * lse) - q_c      ("coef" = sum(q) + 2 z lse)
+With no weights, no smoothing and no z-loss this is TF's soft cross entropy,
+and its gradient is softmax * sum(labels) - labels.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def f64_param(hi, lo, ACC: tl.constexpr):
+    """A host float passed as hi + lo: Triton passes Python floats as fp32, so an
+    fp64 run would otherwise compute with a rounded label_smoothing or z scale."""
+    return (tl.zeros([], ACC) + hi) + lo
+
+
+@triton.jit
+def to_store(v, PTR):
+    """Cast v for a store through PTR. fp64 -> half goes through fp32: the Triton
+    interpreter mis-converts fp64 to bf16 directly (it only arises for fp64
+    labels with half logits, or the reverse)."""
+    dst = PTR.dtype.element_ty
+    if dst != tl.float64:
+        v = v.to(tl.float32)
+    return v.to(dst)
+
+
+@triton.jit
+def softcap_tanh(x, softcap):
+    # tanh(x / c) through exp(-2|u|): never overflows, and keeps -inf at -1 so
+    # masked logits stay masked after the cap (see load_logits).
+    u = x / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
+    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
+    if SOFTCAP:
+        x = tl.where(x == float("-inf"), x, softcap * softcap_tanh(x, softcap))
+    return x
+
+
+@triton.jit
+def row_target(T, t_off, W, V, n_classes, class_offset, ignore_index, smoothing,
+               HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """Class index of a hard-label row, whether it is ignored / in range, and (1-eps)*w_t.
+
+    The row holds classes [class_offset, class_offset + V) of n_classes (a shard
+    of the vocabulary, or all of it). The returned index is local to the row;
+    tw is 0 when the target class lives in another shard.
+    """
+    if HARD:
+        t_global = tl.load(T + t_off).to(tl.int64)
+        active = t_global != ignore_index
+        valid = (t_global >= 0) & (t_global < n_classes)
+        t = t_global - class_offset
+        here = active & (t >= 0) & (t < V)
+        tw = (1.0 - smoothing) + tl.zeros([], ACC)
+        if HAS_WEIGHT:
+            # Only a local index is dereferenced (local class 0 always exists).
+            tw = tw * tl.load(W + tl.where(here, t, 0)).to(ACC)
+        tw = tl.where(here, tw, 0.0)
+    else:
+        t = tl.zeros([], tl.int64) - 1
+        active = t < 0  # always true for soft labels
+        valid = active
+        tw = tl.zeros([], ACC)
+    return t, active, valid, tw
+
+
+@triton.jit
+def target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing,
+                HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr):
+    """q for one block of columns (zero on padding lanes)."""
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    if HARD:
+        q = tl.where(cols == t, tw, 0.0).to(ACC)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                q += (smoothing / n_classes) * w
+            else:
+                q += tl.where(cmask, smoothing / n_classes, 0.0)
+        q = tl.where(active, q, 0.0)
+    else:
+        q = tl.load(Y_row + cols, mask=cmask, other=0.0).to(ACC)
+        if SMOOTH:
+            q = tl.where(cmask, q * (1.0 - smoothing) + smoothing / n_classes, 0.0)
+        if HAS_WEIGHT:
+            q = q * w
+    return q
+
+
+@triton.jit
+def grad_coef(lse, qsum, z_scale, active, valid, HAS_Z: tl.constexpr):
+    """coef = sum(q) + 2 z lse, with the row rules of finalize_row."""
+    coef = qsum
+    if HAS_Z:
+        coef += 2.0 * z_scale * lse
+    # No softmax (all logits -inf): no softmax term in the gradient either.
+    coef = tl.where(lse == float("-inf"), 0.0, coef)
+    coef = tl.where(active, coef, 0.0)
+    return tl.where(valid | (~active), coef, float("nan"))
+
+
+@triton.jit
+def finalize_row(m, s, dot, qsum, nnz, active, valid, z_scale, HAS_Z: tl.constexpr):
+    """Loss, lse and label mass sum(q) of a row from its combined statistics.
+
+    m is the running max with -inf replaced by 0 (so that exp(x - m) never sees
+    -inf - -inf), s the sum of exp(x - m).
+    """
+    lse = m + tl.log(s)
+    loss = lse * qsum - dot
+    if HAS_Z:
+        loss += z_scale * lse * lse
+    # A row whose logits are all -inf has no softmax. It costs nothing when it
+    # carries no label mass; otherwise lse * qsum - dot is already NaN.
+    loss = tl.where((lse == float("-inf")) & (nnz == 0), 0.0, loss)
+    # Ignored hard-label rows cost nothing and report lse = 0; out-of-range
+    # indices are a NaN, never a silent number.
+    loss = tl.where(active, loss, 0.0)
+    lse = tl.where(active, lse, 0.0)
+    qsum = tl.where(active, qsum, 0.0)
+    loss = tl.where(valid | (~active), loss, float("nan"))
+    return loss, lse, qsum

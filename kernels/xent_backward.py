@@ -1,0 +1,96 @@
+"""Backward kernels.
+
+dlogits = g * (softmax * coef - q), with coef = sum(q) + 2 z lse from the
+statistics the forward saved; dlabels = g * (1 - eps) * w * (lse - x) for soft labels that require
+grad. Both are computed in fp32 (fp64 for fp64 inputs) and rounded once on
+store: rounding softmax - 1 to bf16 first loses the true-class gradient.
+Traffic per row: read V logits (+ V labels if soft), write V dlogits
+(+ V dlabels if requested). Ignored hard-label rows only write zeros.
+"""
+import triton
+import triton.language as tl
+
+from .row_math import f64_param, to_store, grad_coef, row_target, softcap_tanh, target_mass
+
+
+@triton.jit
+def xent_backward_kernel(
+    X, sx_outer, sx_inner,
+    Y, sy_outer, sy_inner,
+    T, st_outer, st_inner,
+    W,
+    G, sg_outer, sg_inner,
+    LSE, QSUM,
+    DX, DY,
+    n_inner, V, n_classes, class_offset, cols_per_prog,
+    ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
+    HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Grid (n_rows, cdiv(V, cols_per_prog)). DX and DY are contiguous (n_rows, V).
+
+    LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
+    shard they are the global (all-shard) values.
+    """
+    smoothing = f64_param(smoothing, smoothing_lo, ACC)
+    z_scale = f64_param(z_scale, z_scale_lo, ACC)
+    softcap = f64_param(softcap, softcap_lo, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    outer = row // n_inner
+    inner = row % n_inner
+    X_row = X + outer * sx_outer + inner * sx_inner
+    Y_row = Y + outer * sy_outer + inner * sy_inner
+    t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
+                                      ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
+    g = tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC)
+    g = tl.where(active, g, 0.0)
+    lse = tl.load(LSE + row).to(ACC)
+    coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)
+    col_begin = part * cols_per_prog
+    col_end = tl.minimum(col_begin + cols_per_prog, V)
+    # Ignored rows load nothing (every lane masked) and only write zeros.
+    load_end = tl.where(active, col_end, col_begin)
+    for start in range(col_begin, col_end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < col_end
+        xr = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf")).to(ACC)
+        x = xr
+        if SOFTCAP:
+            th = softcap_tanh(xr, softcap)
+            x = tl.where(xr == float("-inf"), xr, softcap * th)
+        if NEED_DX:
+            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
+            # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
+            p = tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
+            dx = g * (p * coef - q)
+            if SOFTCAP:
+                dx = dx * (1.0 - th * th)
+            dx = tl.where(active, dx, 0.0)
+            tl.store(DX + row * V + cols, to_store(dx, DX), mask=cmask)
+        if NEED_DY:
+            dy = g * (lse - x)
+            if SMOOTH:
+                dy = dy * (1.0 - smoothing)
+            if HAS_WEIGHT:
+                dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+            tl.store(DY + row * V + cols, to_store(dy, DY), mask=cmask)
+
+
+@triton.jit
+def scale_rows_kernel(DX, sdx_outer, sdx_inner, G, sg_outer, sg_inner, n_inner, V, cols_per_prog,
+                      BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """DX[row, :] *= G[row], in place: the backward of the fused loss+grad mode."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    outer = row // n_inner
+    inner = row % n_inner
+    DX_row = DX + outer * sdx_outer + inner * sdx_inner
+    g = tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC)
+    col_begin = part * cols_per_prog
+    col_end = tl.minimum(col_begin + cols_per_prog, V)
+    for start in range(col_begin, col_end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < col_end
+        dx = tl.load(DX_row + cols, mask=cmask, other=0.0).to(ACC)
+        tl.store(DX_row + cols, to_store(dx * g, DX), mask=cmask)

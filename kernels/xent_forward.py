@@ -1,0 +1,165 @@
+"""Forward kernels: one streaming pass over each row (or each part of a row).
+
+Memory traffic per row of V classes: V logits read, plus V labels read for
+soft labels (nothing of size V for class indices). Everything else is O(1) per
+row: the statistics the backward pass needs (lse and coef) and the loss.
+"""
+import triton
+import triton.language as tl
+
+from .row_math import f64_param, to_store, finalize_row, grad_coef, load_logits, row_target, target_mass, softcap_tanh
+
+
+@triton.jit
+def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
+                 HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                 SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Online max / sum-exp plus the q-weighted dot over columns [col_begin, col_end)."""
+    m = tl.zeros([], ACC) + float("-inf")  # running max of the logits
+    m_safe = tl.zeros([], ACC)  # m with -inf replaced by 0
+    s = tl.zeros([], ACC)  # sum of exp(x - m_safe)
+    dot = tl.zeros([BLOCK], ACC)
+    qsum = tl.zeros([BLOCK], ACC)
+    nnz = tl.zeros([BLOCK], ACC)
+    for start in range(col_begin, col_end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < col_end
+        x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC)
+        q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # Guard the all -inf prefix: -inf - (-inf) would be NaN.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m_safe - m_new_safe) + tl.sum(tl.exp(x - m_new_safe), axis=0)
+        m = m_new
+        m_safe = m_new_safe
+        # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
+        dot += tl.where(q != 0, q * x, 0.0)
+        qsum += q
+        nnz += tl.where(q != 0, 1.0, 0.0)
+    return m_safe, s, tl.sum(dot, axis=0), tl.sum(qsum, axis=0), tl.sum(nnz, axis=0)
+
+
+@triton.jit
+def _write_row_grad(X_row, Y_row, W, DX_row, V, n_classes, t, tw, active, smoothing, softcap, lse, coef,
+                    HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # Second sweep of the row for the fused loss+grad mode. Each element is read
+    # before it is written by this same program, so DX_row may alias X_row.
+    # Ignored rows load nothing (every lane masked) and write zeros.
+    load_end = tl.where(active, V, 0)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        cmask = cols < V
+        xr = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf")).to(ACC)
+        x = xr
+        if SOFTCAP:
+            th = softcap_tanh(xr, softcap)
+            x = tl.where(xr == float("-inf"), xr, softcap * th)
+        q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
+        p = tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
+        dx = p * coef - q
+        if SOFTCAP:
+            dx = dx * (1.0 - th * th)
+        dx = tl.where(active, dx, 0.0)
+        tl.store(DX_row + cols, to_store(dx, DX_row), mask=cmask)
+
+
+@triton.jit
+def xent_forward_kernel(
+    X, sx_outer, sx_inner,
+    Y, sy_outer, sy_inner,
+    T, st_outer, st_inner,
+    W,
+    LOSS, LSE, QSUM,
+    PART,
+    DX, sdx_outer, sdx_inner,
+    n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
+    ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
+    HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Row statistics of softmax cross entropy.
+
+    Grid (n_rows, SPLIT). Rows are addressed as (row // n_inner, row % n_inner)
+    with two strides, so views like ``logits[:, :-1]`` are read in place. All
+    row offsets are int64: row * stride passes 2**31 at LLM sizes.
+
+    The row holds classes [class_offset, class_offset + V) of n_classes: a
+    vocabulary shard (xent_triton.distributed) or, usually, the whole row.
+
+    SPLIT == 1: the program owns the row and writes LOSS, LSE, QSUM (and with
+    WRITE_GRAD the unscaled dlogits into DX). SPLIT > 1: each program owns
+    ``cols_per_split`` columns and writes its partial (m, s, dot, qsum, nnz)
+    into PART[5, n_rows, SPLIT] for xent_combine_kernel.
+    """
+    smoothing = f64_param(smoothing, smoothing_lo, ACC)
+    z_scale = f64_param(z_scale, z_scale_lo, ACC)
+    softcap = f64_param(softcap, softcap_lo, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    outer = row // n_inner
+    inner = row % n_inner
+    X_row = X + outer * sx_outer + inner * sx_inner
+    Y_row = Y + outer * sy_outer + inner * sy_inner
+    t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
+                                      ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, V)
+    # Ignored rows (hard labels) read nothing: their loop is empty.
+    col_end = tl.where(active, col_end, col_begin)
+    m, s, dot, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
+                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC)
+    if SPLIT == 1:
+        loss, lse, qsum = finalize_row(m, s, dot, qsum, nnz, active, valid, z_scale, HAS_Z)
+        tl.store(LOSS + row, to_store(loss, LOSS))
+        tl.store(LSE + row, lse)
+        tl.store(QSUM + row, qsum)
+        if WRITE_GRAD:
+            coef = grad_coef(lse, qsum, z_scale, active, valid, HAS_Z)
+            DX_row = DX + outer * sdx_outer + inner * sdx_inner
+            _write_row_grad(X_row, Y_row, W, DX_row, V, n_classes, t, tw, active, smoothing, softcap, lse, coef,
+                            HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC)
+    else:
+        base = row * SPLIT + split
+        stride = n_rows * SPLIT
+        tl.store(PART + base, m)
+        tl.store(PART + stride + base, s)
+        tl.store(PART + 2 * stride + base, dot)
+        tl.store(PART + 3 * stride + base, qsum)
+        tl.store(PART + 4 * stride + base, nnz)
+
+
+@triton.jit
+def xent_combine_kernel(
+    T, st_outer, st_inner, W,
+    LOSS, LSE, QSUM, PART,
+    n_rows, n_inner, V, n_classes, class_offset, ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo,
+    HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_Z: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, ACC: tl.constexpr,
+):
+    """Merge the SPLIT partial statistics of each row (grid: n_rows)."""
+    smoothing = f64_param(smoothing, smoothing_lo, ACC)
+    z_scale = f64_param(z_scale, z_scale_lo, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    inner = row % n_inner
+    t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
+                                      ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
+    k = tl.arange(0, SPLIT_P2)
+    kmask = k < SPLIT
+    base = row * SPLIT + k
+    stride = n_rows * SPLIT
+    m_part = tl.load(PART + base, mask=kmask, other=0.0)
+    # Each partial s is relative to its own (safe) max; an empty part has s == 0.
+    s_part = tl.load(PART + stride + base, mask=kmask, other=0.0)
+    m = tl.max(tl.where(s_part > 0, m_part, float("-inf")), axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(s_part != 0, s_part * tl.exp(m_part - m), s_part), axis=0)
+    dot = tl.sum(tl.load(PART + 2 * stride + base, mask=kmask, other=0.0), axis=0)
+    qsum = tl.sum(tl.load(PART + 3 * stride + base, mask=kmask, other=0.0), axis=0)
+    nnz = tl.sum(tl.load(PART + 4 * stride + base, mask=kmask, other=0.0), axis=0)
+    loss, lse, qsum = finalize_row(m, s, dot, qsum, nnz, active, valid, z_scale, HAS_Z)
+    tl.store(LOSS + row, to_store(loss, LOSS))
+    tl.store(LSE + row, lse)
+    tl.store(QSUM + row, qsum)

@@ -1,0 +1,49 @@
+"""Shared fixtures: every test runs on each backend, with poisoned outputs.
+
+Without CUDA, the Triton kernels run under the Triton interpreter; that must be
+switched on before triton is first imported, hence the environment set here.
+On a CUDA machine the same suite runs the kernels on the GPU.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import xent_triton  # noqa: E402,F401
+from xent_triton import _alloc  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["torch", "triton"]
+POISON = 12345.0
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "slow: large inputs")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Force one implementation through XENT_TRITON_BACKEND."""
+    monkeypatch.setenv("XENT_TRITON_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output buffer starts as POISON, so an unwritten element cannot pass."""
+    monkeypatch.setattr(_alloc, "POISON", POISON)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,148 @@
+"""The public functional API."""
+import torch
+
+from . import validation as v
+from .function import InplaceGradCrossEntropy
+
+# An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
+_NEVER = -(2**63)
+
+
+def _autocast_on(t: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+             loss_fp32, inplace_backward):
+    """(loss, lse) per row through the custom op, or the in-place mode."""
+    args = (logits, labels, target, weight, axis, int(ignore_index), float(label_smoothing),
+            float(lse_square_scale), float(softcap or 0.0), loss_fp32)
+    if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
+        if labels is not None and labels.requires_grad:
+            raise ValueError("inplace_backward cannot also give labels a gradient (it overwrites the logits that "
+                             "gradient needs); detach the labels or turn inplace_backward off")
+        loss, lse, _ = InplaceGradCrossEntropy.apply(*args)
+        return loss, lse
+    loss, lse, _qsum = torch.ops.xent_triton.forward(*args)
+    return loss, lse
+
+
+def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backward=False):
+    r"""Softmax cross entropy between ``logits`` and soft ``labels``, per example.
+
+    The PyTorch counterpart of TensorFlow's ``tf.nn.softmax_cross_entropy_with_logits``:
+    ``loss = -sum(labels * log_softmax(logits, axis), axis)``, fused into one pass.
+
+    Args:
+        labels (Tensor): floating tensor of the logits' shape, or broadcastable to it
+            along non-class axes (e.g. ``(1, C)`` against ``(N, C)``; read with stride 0).
+            Labels need not sum to 1 and may be negative; they receive a gradient when
+            they require one.
+        logits (Tensor): float16, bfloat16, float32 or float64 tensor of rank >= 1.
+        axis (int): the class axis. Default: -1.
+        inplace_backward (bool): overwrite ``logits`` with the gradient during the forward
+            to save a dlogits tensor of memory (see the README). Default: False.
+
+    Returns:
+        Tensor of the logits' shape without ``axis`` (a scalar for rank-1 logits), in the
+        logits' dtype (float32 under autocast), accumulated in float32 (float64 for
+        float64 inputs).
+
+    The gradient is the exact ``softmax * sum(labels) - labels``; TensorFlow's fused kernel
+    returns ``softmax - labels``, which differs when the labels do not sum to 1.
+    """
+    v.check_logits(logits)
+    axis = v.normalize_axis(axis, logits.dim())
+    v.check_soft_labels(labels, logits, axis)
+    v.check_same_device(labels=labels, logits=logits)
+    v.check_classes(logits, axis)
+    loss, _ = _per_row(logits, labels, None, None, axis, -100, 0.0, 0.0, None, _autocast_on(logits),
+                       inplace_backward)
+    return loss
+
+
+def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward=False):
+    r"""TensorFlow's ``tf.nn.sparse_softmax_cross_entropy_with_logits``.
+
+    Args:
+        labels (Tensor): int64 or int32 class indices of shape ``logits.shape[:-1]``.
+        logits (Tensor): floating tensor ``(..., C)``.
+
+    Returns:
+        The per-example loss, of shape ``labels.shape``. An index outside ``[0, C)`` gives
+        NaN for its row on the Triton path (as TF on GPU) and raises IndexError on the
+        torch fallback (as TF on CPU).
+    """
+    v.check_logits(logits)
+    axis = logits.dim() - 1
+    v.check_index_target(labels, logits, axis, name="labels")
+    v.check_same_device(labels=labels, logits=logits)
+    v.check_classes(logits, axis)
+    loss, _ = _per_row(logits, None, labels, None, axis, _NEVER, 0.0, 0.0, None, _autocast_on(logits),
+                       inplace_backward)
+    return loss
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                  lse_square_scale=0.0, softcap=None, return_lse=False, inplace_backward=False):
+    r"""A drop-in for :func:`torch.nn.functional.cross_entropy`, fused.
+
+    Same arguments and results as torch: ``input`` is ``(C,)``, ``(N, C)`` or
+    ``(N, C, d1, ...)``; ``target`` holds class indices (int64 or int32, the input's shape
+    without the class dim) or class probabilities (the input's shape). ``weight``,
+    ``ignore_index`` (class indices only, as in torch) and ``label_smoothing`` follow torch's
+    formulas, including its ``mean`` rule.
+
+    Extra keyword arguments:
+        lse_square_scale (float): adds the z-loss ``lse_square_scale * lse**2`` to each
+            non-ignored row (PaLM). Default: 0.
+        softcap (float, optional): apply ``softcap * tanh(input / softcap)`` to the logits
+            first (Gemma 2); ``-inf`` stays ``-inf``. Default: None.
+        return_lse (bool): also return the per-row log-sum-exp (detached; 0 on ignored rows).
+        inplace_backward (bool): overwrite ``input`` with its gradient in the forward pass
+            (see the README). Default: False.
+
+    Class indices outside ``[0, C)`` (other than ``ignore_index``) give NaN for their row
+    on the Triton path and raise IndexError on the torch fallback.
+    """
+    v.check_logits(input, "input")
+    axis = 1 if input.dim() >= 2 else 0
+    hard = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
+    if hard:
+        v.check_index_target(target, input, axis)
+    else:
+        v.check_float("target", target)
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
+                             f"{tuple(input.shape)}")
+        if ignore_index != -100:
+            # torch raises the same error (RuntimeError) for probability targets.
+            raise RuntimeError(f"ignore_index is not supported for floating point target (got {ignore_index})")
+    v.check_same_device(input=input, target=target, weight=weight)
+    v.check_classes(input, axis, "input")
+    C = input.shape[axis]
+    v.check_weight(weight, C)
+    v.check_options(reduction, label_smoothing, softcap)
+
+    autocast = _autocast_on(input)
+    out_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
+    # Reductions sum the fp32 per-row losses and round once.
+    loss_fp32 = autocast or reduction != "none"
+    loss, lse = _per_row(input, None if hard else target, target if hard else None, weight, axis, ignore_index,
+                         label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        if hard:
+            active = target != ignore_index
+            if weight is None:
+                denom = active.sum()
+            else:
+                # Clamp only to gather safely; out-of-range rows are already NaN.
+                w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
+                denom = (w_t * active).sum()
+            loss = loss.sum() / denom.to(loss.dtype)
+        else:
+            loss = loss.mean()
+    loss = loss.to(out_dtype)
+    return (loss, lse.detach()) if return_lse else loss

@@ -1,0 +1,116 @@
+"""Shape and axis normalization shared by the Triton and torch backends.
+
+Both backends see a problem as rows of V classes with unit class stride. Rows
+are indexed by (outer, inner) with one stride each, which covers contiguous
+tensors and the common strided views (``logits[:, :-1]``, sliced batches)
+without a copy. Two cases are copied, once, and documented in the README:
+a class axis whose stride is not 1 (e.g. ``axis=1`` of an (N, C, L) tensor),
+and batch dimensions that no two strides can describe.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+def acc_dtype(*dtypes) -> torch.dtype:
+    """fp32 accumulation, fp64 when any input is fp64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def batch_shape(shape, axis: int) -> Tuple[int, ...]:
+    return tuple(s for i, s in enumerate(shape) if i != axis)
+
+
+@dataclass
+class Rows:
+    """Row view of a cross-entropy problem (see module docstring)."""
+
+    logits: torch.Tensor  # (*batch, V), class stride 1
+    labels: Optional[torch.Tensor]  # same shape as logits (stride 0 where broadcast), or None
+    target: Optional[torch.Tensor]  # (n_rows,) class indices, or None
+    weight: Optional[torch.Tensor]  # (V,) contiguous, or None
+    batch_shape: Tuple[int, ...]
+    n_rows: int
+    n_inner: int
+    n_cols: int
+    x_strides: Tuple[int, int]
+    y_strides: Tuple[int, int]
+    acc: torch.dtype
+    n_classes: int  # classes of the whole vocabulary (> n_cols for a shard)
+    class_offset: int  # first class this row view holds
+
+    def as_3d(self, t: torch.Tensor, strides) -> torch.Tensor:
+        """(n_outer, n_inner, V) strided view of ``t`` (a tensor of this layout)."""
+        n_outer = self.n_rows // self.n_inner if self.n_inner else 0
+        return t.as_strided((n_outer, self.n_inner, self.n_cols), (strides[0], strides[1], 1), t.storage_offset())
+
+
+def _two_strides(shape, tensors):
+    """Merge batch dims into at most (outer, inner); None if that is impossible."""
+    dims = []
+    for i, size in enumerate(shape):
+        if size == 1:
+            continue
+        strides = [t.stride(i) for t in tensors]
+        if dims and all(ps == s * size for ps, s in zip(dims[-1][1], strides)):
+            dims[-1] = (dims[-1][0] * size, strides)
+        else:
+            dims.append((size, strides))
+    if len(dims) > 2:
+        return None
+    if not dims:
+        return 1, [(0, 0) for _ in tensors]
+    if len(dims) == 1:
+        return dims[0][0], [(0, s) for s in dims[0][1]]
+    (_, outer), (n_inner, inner) = dims
+    return n_inner, [(o, i) for o, i in zip(outer, inner)]
+
+
+def class_last(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """Move ``axis`` last; copy only when the class stride is not 1."""
+    t = t.movedim(axis, -1)
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, n_classes: int = -1) -> Rows:
+    """Build the row view. ``axis`` must already be normalized (non-negative).
+
+    ``class_offset``/``n_classes`` describe a vocabulary shard: these logits hold
+    classes [class_offset, class_offset + V) of n_classes (-1: just V).
+    ``weight``, when given, has the shard's V entries.
+    """
+    V = logits.shape[axis]
+    x = class_last(logits, axis)
+    y = None
+    if labels is not None:
+        y = class_last(labels.expand(logits.shape), axis)
+    bshape = tuple(x.shape[:-1])
+    n_rows = 1
+    for s in bshape:
+        n_rows *= s
+    views = [x] if y is None else [x, y]
+    plan = _two_strides(bshape, views) if n_rows else (1, [(0, 0)] * len(views))
+    if plan is None:
+        views = [v.contiguous() for v in views]
+        plan = _two_strides(bshape, views)
+        x = views[0]
+        y = views[1] if y is not None else None
+    n_inner, strides = plan
+    if target is not None:
+        target = target.reshape(n_rows)
+    if weight is not None:
+        weight = weight.contiguous()
+    return Rows(
+        logits=x, labels=y, target=target, weight=weight, batch_shape=bshape, n_rows=n_rows,
+        n_inner=n_inner, n_cols=V, x_strides=strides[0], y_strides=strides[1] if y is not None else (0, 0),
+        acc=acc_dtype(logits.dtype, labels.dtype if labels is not None else logits.dtype),
+        n_classes=V if n_classes < 0 else n_classes, class_offset=class_offset,
+    )
+
+
+def grad_buffer_shape(logits_shape, axis: int):
+    """Shape of the class-last contiguous buffer a dlogits/dlabels is written into."""
+    return batch_shape(logits_shape, axis) + (logits_shape[axis],)

@@ -1,0 +1,164 @@
+"""The ``torch.library`` custom ops behind every public entry point.
+
+``xent_triton::forward`` returns the per-row loss plus two O(rows) statistics
+(lse and the label mass sum(q)); its autograd formula calls
+``xent_triton::backward``. Both have fake implementations, so torch.compile
+traces them without a graph break, and both pick their backend (Triton or the
+torch fallback) at run time, inside the op.
+
+Saved for backward: the inputs themselves and the O(rows) statistics, never
+an N x V intermediate.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backend
+from ._alloc import new_output
+from .layout import acc_dtype, batch_shape, grad_buffer_shape, make_rows
+
+
+def _impl(device: torch.device):
+    if backend.choose(device) == "triton":
+        from . import triton_backend as impl
+    else:
+        from . import torch_backend as impl
+    return impl
+
+
+def _loss_dtype(logits: Tensor, loss_fp32: bool) -> torch.dtype:
+    return torch.float32 if loss_fp32 and logits.dtype != torch.float64 else logits.dtype
+
+
+def _stat_dtype(logits: Tensor, labels: Optional[Tensor]) -> torch.dtype:
+    return acc_dtype(logits.dtype, labels.dtype if labels is not None else logits.dtype)
+
+
+@torch.library.custom_op("xent_triton::forward", mutates_args=())
+def xent_forward(
+    logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+    axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
+    loss_fp32: bool, class_offset: int = 0, n_classes: int = -1,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, qsum). ``class_offset``/``n_classes`` describe a vocabulary shard."""
+    rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
+    out = _impl(logits.device).forward(
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, _loss_dtype(logits, loss_fp32))
+    return tuple(t.view(rows.batch_shape) for t in out)
+
+
+@xent_forward.register_fake
+def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap, loss_fp32,
+      class_offset=0, n_classes=-1):
+    shape = batch_shape(logits.shape, axis)
+    stat = _stat_dtype(logits, labels)
+    return (logits.new_empty(shape, dtype=_loss_dtype(logits, loss_fp32)),
+            logits.new_empty(shape, dtype=stat), logits.new_empty(shape, dtype=stat))
+
+
+def _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, alloc):
+    """Class-last contiguous buffers (or empty placeholders) for dlogits and dlabels."""
+    shape = grad_buffer_shape(logits.shape, axis)
+    dx = alloc(shape, logits.dtype, logits.device) if need_dlogits else None
+    dy = alloc(shape, labels.dtype, logits.device) if need_dlabels else None
+    return dx, dy
+
+
+def _as_grads(dx, dy, logits, labels, axis):
+    """Move the class axis back; reduce dlabels over the axes labels were broadcast along."""
+    empty = logits.new_empty(0)
+    dlogits = dx.movedim(-1, axis) if dx is not None else empty
+    if dy is None:
+        return dlogits, empty
+    dlabels = dy.movedim(-1, axis)
+    if tuple(labels.shape) != tuple(logits.shape):
+        dlabels = dlabels.sum_to_size(labels.shape)
+    return dlogits, dlabels
+
+
+@torch.library.custom_op("xent_triton::backward", mutates_args=())
+def xent_backward(
+    grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+    lse: Tensor, qsum: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    softcap: float, need_dlogits: bool, need_dlabels: bool, class_offset: int = 0, n_classes: int = -1,
+) -> Tuple[Tensor, Tensor]:
+    """(dlogits, dlabels); a gradient not asked for comes back as an empty tensor."""
+    rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
+    dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, new_output)
+    _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+                                  lse_square_scale, softcap, dx, dy)
+    return _as_grads(dx, dy, logits, labels, axis)
+
+
+@xent_backward.register_fake
+def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
+      softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1):
+    def alloc(shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, alloc)
+    return _as_grads(dx, dy, logits, labels, axis)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, target, weight, axis, ignore_index, label_smoothing, z, softcap, _fp32, offset, n_classes = inputs
+    _loss, lse, qsum = output
+    ctx.save_for_backward(logits, labels, target, weight, lse, qsum)
+    ctx.params = (axis, ignore_index, label_smoothing, z, softcap)
+    ctx.shard = (offset, n_classes)
+    ctx.mark_non_differentiable(lse, qsum)
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "xent_triton: double backward (create_graph=True through the cross-entropy loss) is not supported")
+    logits, labels, target, weight, lse, qsum = ctx.saved_tensors
+    need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dy):
+        return (None,) * 12
+    dlogits, dlabels = torch.ops.xent_triton.backward(
+        grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy, *ctx.shard)
+    return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
+
+
+torch.library.register_autograd("xent_triton::forward", _backward, setup_context=_setup_context)
+
+
+# In-place memory mode: the forward also writes the unscaled dlogits over the
+# logits; the backward only scales them by the incoming gradient.
+
+@torch.library.custom_op("xent_triton::forward_grad_inplace", mutates_args=("logits",))
+def xent_forward_grad_inplace(
+    logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+    axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
+    loss_fp32: bool,
+) -> Tuple[Tensor, Tensor]:
+    rows = make_rows(logits, labels, target, weight, axis)
+    if rows.logits.data_ptr() != logits.data_ptr():
+        raise ValueError(
+            f"inplace_backward needs logits whose class axis has stride 1 and whose batch dims two strides "
+            f"describe; got shape {tuple(logits.shape)} with strides {logits.stride()} and axis {axis}")
+    loss, lse, _qsum = _impl(logits.device).forward(
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, _loss_dtype(logits, loss_fp32),
+        grad_into=rows.logits)
+    return loss.view(rows.batch_shape), lse.view(rows.batch_shape)
+
+
+@xent_forward_grad_inplace.register_fake
+def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap, loss_fp32):
+    shape = batch_shape(logits.shape, axis)
+    return (logits.new_empty(shape, dtype=_loss_dtype(logits, loss_fp32)),
+            logits.new_empty(shape, dtype=_stat_dtype(logits, labels)))
+
+
+@torch.library.custom_op("xent_triton::scale_rows_", mutates_args=("dlogits",))
+def scale_rows_(dlogits: Tensor, grad: Tensor, axis: int) -> None:
+    rows = make_rows(dlogits, None, None, None, axis)
+    _impl(dlogits.device).scale_rows_(rows, rows.logits, grad)
+
+
+@scale_rows_.register_fake
+def _(dlogits, grad, axis):
+    return None

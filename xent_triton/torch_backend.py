@@ -1,0 +1,164 @@
+"""The torch fallback: same semantics as the kernels, in plain torch ops.
+
+Rows are processed in chunks so that temporaries stay bounded (about
+``CHUNK_ELEMENTS`` elements per temporary) whatever the input size. Half
+precision inputs are accumulated in fp32, fp64 in fp64. Out-of-range class
+indices raise IndexError here (the kernels give that row NaN instead, to keep
+host syncs off the GPU path).
+"""
+import dataclasses
+
+import torch
+
+from ._alloc import new_output
+from .layout import Rows
+
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(rows: Rows):
+    """Yield (r0, r1, logits_chunk, labels_chunk) over contiguous ranges of rows."""
+    n_outer = rows.n_rows // rows.n_inner if rows.n_inner else 0
+    x3 = rows.as_3d(rows.logits, rows.x_strides)
+    y3 = rows.as_3d(rows.labels, rows.y_strides) if rows.labels is not None else None
+    per_row = max(rows.n_cols, 1)
+    inner_step = max(1, min(rows.n_inner, CHUNK_ELEMENTS // per_row))
+    outer_step = max(1, CHUNK_ELEMENTS // (per_row * rows.n_inner)) if inner_step == rows.n_inner else 1
+    for o0 in range(0, n_outer, outer_step):
+        o1 = min(o0 + outer_step, n_outer)
+        for i0 in range(0, rows.n_inner, inner_step):
+            i1 = min(i0 + inner_step, rows.n_inner)
+            r0, r1 = o0 * rows.n_inner + i0, (o1 - 1) * rows.n_inner + i1
+            x = x3[o0:o1, i0:i1].reshape(-1, rows.n_cols)
+            y = y3[o0:o1, i0:i1].reshape(-1, rows.n_cols) if y3 is not None else None
+            yield r0, r1, x, y
+
+
+def _write_rows(t3, rows: Rows, r0, r1, values):
+    """Write values (r1 - r0, V) into rows [r0, r1) of a (outer, inner, V) view."""
+    n_inner = rows.n_inner
+    o0, i0 = divmod(r0, n_inner)
+    o1 = (r1 - 1) // n_inner + 1
+    i1 = r1 - (o1 - 1) * n_inner
+    t3[o0:o1, i0:i1] = values.reshape(o1 - o0, i1 - i0, rows.n_cols)
+
+
+def _capped(x_raw, softcap):
+    if not softcap:
+        return x_raw, None
+    th = torch.tanh(x_raw / softcap)
+    return torch.where(x_raw == float("-inf"), x_raw, softcap * th), th
+
+
+def _row_target(rows: Rows, r0, r1, ignore_index, smoothing):
+    """Local class index, activity and (1 - eps) * w_t of rows [r0, r1) (see kernels/row_math.py)."""
+    t = rows.target[r0:r1].long()
+    active = t != ignore_index
+    bad = active & ((t < 0) | (t >= rows.n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"class index {int(t[bad][0])} is out of range for {rows.n_classes} classes "
+                         f"(ignore_index={ignore_index})")
+    local = t - rows.class_offset
+    here = active & (local >= 0) & (local < rows.n_cols)
+    local = torch.where(here, local, 0)
+    tw = torch.full(t.shape, 1.0 - smoothing, dtype=rows.acc, device=t.device)
+    if rows.weight is not None:
+        tw = tw * rows.weight.to(rows.acc)[local]
+    return local, active, tw * here
+
+
+def _target_mass(rows: Rows, y, r0, r1, ignore_index, smoothing, x_shape):
+    """q for rows [r0, r1), and the row activity mask (None for soft labels)."""
+    acc = rows.acc
+    w = rows.weight.to(acc) if rows.weight is not None else None
+    eps_per_class = smoothing / rows.n_classes
+    if rows.target is None:
+        q = y.to(acc)
+        if smoothing:
+            q = q * (1.0 - smoothing) + eps_per_class
+        if w is not None:
+            q = q * w
+        return q, None
+    t, active, tw = _row_target(rows, r0, r1, ignore_index, smoothing)
+    q = torch.zeros(x_shape, dtype=acc, device=rows.logits.device)
+    if smoothing:
+        q += eps_per_class * (w if w is not None else 1.0)
+        q *= active[:, None]
+    q.scatter_add_(1, t[:, None], tw[:, None])
+    return q, active
+
+
+def _grad_coef(lse, qsum, z_scale, active):
+    coef = qsum + 2.0 * z_scale * lse
+    coef = torch.where(lse == float("-inf"), 0.0, coef)
+    return torch.where(active, coef, 0.0) if active is not None else coef
+
+
+def _dlogits(x, th, q, lse, coef, g, active, softcap):
+    # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
+    p = torch.where(x == float("-inf"), 0.0, torch.exp(x - lse[:, None]))
+    dx = g[:, None] * (p * coef[:, None] - q)
+    if softcap:
+        dx = dx * (1.0 - th * th)
+    if active is not None:
+        dx = torch.where(active[:, None], dx, 0.0)
+    return dx
+
+
+def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
+            loss_dtype: torch.dtype, grad_into: torch.Tensor = None):
+    dev = rows.logits.device
+    loss_out = new_output((rows.n_rows,), loss_dtype, dev)
+    lse_out = new_output((rows.n_rows,), rows.acc, dev)
+    qsum_out = new_output((rows.n_rows,), rows.acc, dev)
+    g3 = rows.as_3d(grad_into, rows.x_strides) if grad_into is not None else None
+    for r0, r1, x_raw, y in _chunks(rows):
+        x, th = _capped(x_raw.to(rows.acc), softcap)
+        q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
+        m = x.amax(dim=1)
+        m = torch.where(m == float("-inf"), 0.0, m)
+        lse = m + torch.log(torch.exp(x - m[:, None]).sum(dim=1))
+        dot = torch.where(q != 0, q * x, 0.0).sum(dim=1)
+        qsum = q.sum(dim=1)
+        loss = lse * qsum - dot + z_scale * lse * lse
+        loss = torch.where((lse == float("-inf")) & ((q != 0).sum(dim=1) == 0), 0.0, loss)
+        if active is not None:
+            loss, lse, qsum = (torch.where(active, v, 0.0) for v in (loss, lse, qsum))
+        loss_out[r0:r1] = loss
+        lse_out[r0:r1] = lse
+        qsum_out[r0:r1] = qsum
+        if g3 is not None:
+            coef = _grad_coef(lse, qsum, z_scale, active)
+            dx = _dlogits(x, th, q, lse, coef, torch.ones_like(lse), active, softcap)
+            _write_rows(g3, rows, r0, r1, dx)
+    return loss_out, lse_out, qsum_out
+
+
+def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
+             softcap: float, dx_buf, dy_buf):
+    g_all = grad.reshape(rows.n_rows).to(rows.acc)
+    dx2 = dx_buf.view(rows.n_rows, rows.n_cols) if dx_buf is not None else None
+    dy2 = dy_buf.view(rows.n_rows, rows.n_cols) if dy_buf is not None else None
+    for r0, r1, x_raw, y in _chunks(rows):
+        x, th = _capped(x_raw.to(rows.acc), softcap)
+        g = g_all[r0:r1]
+        if dx2 is not None:
+            q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
+            if active is not None:
+                g = torch.where(active, g, 0.0)
+            coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, active)
+            dx2[r0:r1] = _dlogits(x, th, q, lse[r0:r1], coef, g, active, softcap)
+        if dy2 is not None:
+            dy = g[:, None] * (lse[r0:r1, None] - x)
+            if smoothing:
+                dy = dy * (1.0 - smoothing)
+            if rows.weight is not None:
+                dy = dy * rows.weight.to(rows.acc)
+            dy2[r0:r1] = dy
+
+
+def scale_rows_(rows: Rows, dx: torch.Tensor, grad: torch.Tensor):
+    g_all = grad.reshape(rows.n_rows).to(rows.acc)
+    d3 = rows.as_3d(dx, rows.x_strides)
+    for r0, r1, chunk, _ in _chunks(dataclasses.replace(rows, logits=dx, labels=None)):
+        _write_rows(d3, rows, r0, r1, chunk.to(rows.acc) * g_all[r0:r1, None])

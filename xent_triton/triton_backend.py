@@ -1,0 +1,113 @@
+"""Host side of the Triton kernels: buffers, grids and launches.
+
+No host syncs and no data-dependent allocation happen here, so both passes
+can be captured in CUDA graphs.
+"""
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch_config
+from ._alloc import new_output
+from .kernels import xent_backward_kernel, xent_combine_kernel, xent_forward_kernel, scale_rows_kernel
+from .layout import Rows
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _hi_lo(v: float):
+    """Split a float into fp32 hi + lo (see kernels.row_math.f64_param)."""
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    return hi, v - hi
+
+
+def _flags(rows: Rows, smoothing: float, softcap: float):
+    return dict(
+        HARD=rows.target is not None,
+        HAS_WEIGHT=rows.weight is not None,
+        SMOOTH=smoothing != 0.0,
+        SOFTCAP=softcap != 0.0,
+        ACC=_TL[rows.acc],
+    )
+
+
+def _target_args(rows: Rows):
+    # Unused pointers are given the logits: constexpr flags compile their loads out.
+    t = rows.target if rows.target is not None else rows.logits
+    return t, rows.n_inner, 1
+
+
+def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
+            loss_dtype: torch.dtype, grad_into: torch.Tensor = None):
+    """Per-row loss, lse and label mass sum(q).
+
+    With ``grad_into`` (a class-last tensor of the logits' layout, possibly the
+    logits themselves) the same launch also writes the unscaled dlogits there.
+    """
+    dev = rows.logits.device
+    n, V = rows.n_rows, rows.n_cols
+    loss = new_output((n,), loss_dtype, dev)
+    lse = new_output((n,), rows.acc, dev)
+    qsum = new_output((n,), rows.acc, dev)
+    if n == 0:
+        return loss, lse, qsum
+    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev, fused_grad=grad_into is not None)
+    flags = _flags(rows, smoothing, softcap)
+    y = rows.labels if rows.labels is not None else rows.logits
+    t, st_outer, st_inner = _target_args(rows)
+    w = rows.weight if rows.weight is not None else rows.logits
+    part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
+    dx = grad_into if grad_into is not None else rows.logits
+    dx_strides = rows.x_strides  # grad_into shares the logits' layout
+    xent_forward_kernel[(n, cfg.split)](
+        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
+        loss, lse, qsum, part, dx, *dx_strides,
+        n, rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog,
+        ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
+        HAS_Z=z_scale != 0.0, SPLIT=cfg.split, WRITE_GRAD=grad_into is not None,
+        BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
+    )
+    if cfg.split > 1:
+        xent_combine_kernel[(n,)](
+            t, st_outer, st_inner, w, loss, lse, qsum, part,
+            n, rows.n_inner, V, rows.n_classes, rows.class_offset, ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale),
+            HARD=flags["HARD"], HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_Z=z_scale != 0.0,
+            SPLIT=cfg.split, SPLIT_P2=triton.next_power_of_2(cfg.split), ACC=flags["ACC"], num_warps=1,
+        )
+    return loss, lse, qsum
+
+
+def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
+             softcap: float, dx_buf, dy_buf):
+    """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (contiguous (*batch, V), or None)."""
+    n, V = rows.n_rows, rows.n_cols
+    if n == 0:
+        return
+    cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), rows.logits.device)
+    g = grad.reshape(n)
+    y = rows.labels if rows.labels is not None else rows.logits
+    t, st_outer, st_inner = _target_args(rows)
+    w = rows.weight if rows.weight is not None else rows.logits
+    xent_backward_kernel[(n, cfg.split)](
+        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
+        g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
+        dx_buf if dx_buf is not None else rows.logits, dy_buf if dy_buf is not None else rows.logits,
+        rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog, ignore_index,
+        *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0, NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None,
+        BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
+    )
+
+
+def scale_rows_(rows: Rows, dx: torch.Tensor, grad: torch.Tensor):
+    """dx[row] *= grad[row] in place; dx has the logits' class-last layout."""
+    n, V = rows.n_rows, rows.n_cols
+    if n == 0:
+        return
+    cfg = launch_config.backward_launch(n, V, dx.element_size(), dx.device)
+    g = grad.reshape(n)
+    scale_rows_kernel[(n, cfg.split)](
+        dx, *rows.x_strides, g, g.stride(0) * rows.n_inner, g.stride(0), rows.n_inner, V, cfg.cols_per_prog,
+        BLOCK=cfg.block, ACC=_TL[rows.acc], num_warps=cfg.num_warps,
+    )

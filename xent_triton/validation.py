@@ -1,0 +1,99 @@
+"""Argument checks for the public API. Every message names the offending values."""
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(name, t):
+    check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def check_same_device(**tensors):
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+
+
+def normalize_axis(axis, ndim):
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise IndexError(f"axis {axis} is out of range for logits of rank {ndim} (expected {-ndim} <= axis < {ndim})")
+    return axis % ndim
+
+
+def check_logits(logits, name="logits"):
+    check_float(name, logits)
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a 0-d tensor")
+
+
+def check_classes(logits, axis, name="logits"):
+    if logits.shape[axis] == 0:
+        raise ValueError(f"{name} of shape {tuple(logits.shape)} has no classes along axis {axis}")
+
+
+def check_soft_labels(labels, logits, axis, name="labels"):
+    """Labels must equal the logits' shape, or broadcast to it along non-class axes."""
+    check_tensor(name, labels)
+    if labels.dtype not in FLOAT_DTYPES:
+        hint = (" ; for class indices use sparse_softmax_cross_entropy_with_logits or cross_entropy"
+                if not labels.dtype.is_floating_point else "")
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {labels.dtype}{hint}")
+    ok = labels.dim() <= logits.dim()
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(labels.shape, logits.shape) == logits.shape
+        except RuntimeError:
+            ok = False
+    lead = logits.dim() - labels.dim()
+    if ok and axis >= lead:
+        ok = labels.shape[axis - lead] == logits.shape[axis]
+    elif ok:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)} "
+            f"(or broadcast to it along non-class axes, with {logits.shape[axis]} classes on axis {axis})")
+
+
+def check_index_target(target, logits, axis, name="target"):
+    check_tensor(name, target)
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"class-index {name} must be int64 or int32, got {target.dtype}")
+    expected = tuple(s for i, s in enumerate(logits.shape) if i != axis)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{name} shape {tuple(target.shape)} does not match input shape {tuple(logits.shape)}: "
+                         f"expected {expected} (the input's shape without class axis {axis})")
+
+
+def check_weight(weight, n_classes):
+    if weight is None:
+        return
+    check_float("weight", weight)
+    if weight.dim() != 1 or weight.shape[0] != n_classes:
+        raise ValueError(f"weight must be a 1-D tensor of {n_classes} elements (one per class), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("gradients with respect to weight are not supported; pass weight.detach()")
+
+
+def check_options(reduction, label_smoothing, softcap):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
