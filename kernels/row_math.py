@@ -4,7 +4,7 @@ Notation, for one row of logits x (after the optional softcap) and one row of
 "target mass" q:
   soft labels y:  q_c = w_c * ((1 - eps) * y_c + eps / V)
   class index t:  q_c = (1 - eps) * w_t * [c == t] + eps / V * w_c
-  loss  = lse * sum(q) - sum(q * x) + z * lse**2
+  loss  = sum(q * (lse - x)) + z * lse**2  (computed relative to the row max)
   dloss/dx_c = softmax_c * (sum(q) + 2 * z * lse) - q_c      ("coef" = sum(q) + 2 z lse)
 With no weights, no smoothing and no z-loss this is TF's soft cross entropy,
 and its gradient is softmax * sum(labels) - labels.
@@ -114,18 +114,21 @@ def grad_coef(lse, qsum, z_scale, active, valid, HAS_Z: tl.constexpr):
 
 
 @triton.jit
-def finalize_row(m, s, dot, qsum, nnz, active, valid, z_scale, HAS_Z: tl.constexpr):
+def finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z: tl.constexpr):
     """Loss, lse and label mass sum(q) of a row from its combined statistics.
 
-    m is the running max with -inf replaced by 0 (so that exp(x - m) never sees
-    -inf - -inf), s the sum of exp(x - m).
+    m is the row max with -inf replaced by 0 (so that exp(x - m) never sees
+    -inf - -inf), s = sum(exp(x - m)), d = sum(q * (x - m)). The loss
+    sum(q * (lse - x)) = log(s) * sum(q) - d involves only differences from
+    the max, so it keeps its precision when the logits are huge.
     """
-    lse = m + tl.log(s)
-    loss = lse * qsum - dot
+    log_s = tl.log(s)
+    lse = m + log_s
+    loss = log_s * qsum - d
     if HAS_Z:
         loss += z_scale * lse * lse
     # A row whose logits are all -inf has no softmax. It costs nothing when it
-    # carries no label mass; otherwise lse * qsum - dot is already NaN.
+    # carries no label mass; otherwise log(0) * qsum - d is already NaN or inf.
     loss = tl.where((lse == float("-inf")) & (nnz == 0), 0.0, loss)
     # Ignored hard-label rows cost nothing and report lse = 0; out-of-range
     # indices are a NaN, never a silent number.

@@ -14,11 +14,16 @@ from .row_math import f64_param, to_store, finalize_row, grad_coef, load_logits,
 def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
                  HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                  SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Online max / sum-exp plus the q-weighted dot over columns [col_begin, col_end)."""
-    m = tl.zeros([], ACC) + float("-inf")  # running max of the logits
-    m_safe = tl.zeros([], ACC)  # m with -inf replaced by 0
-    s = tl.zeros([], ACC)  # sum of exp(x - m_safe)
-    dot = tl.zeros([BLOCK], ACC)
+    """Online statistics over columns [col_begin, col_end).
+
+    Returns m (the running max, -inf replaced by 0), s = sum(exp(x - m)),
+    d = sum(q * (x - m)), sum(q) and the count of nonzero q. Keeping the
+    label-weighted sum relative to the max matters: lse * sum(q) - sum(q * x) cancels
+    catastrophically in fp32 once |x| is large (1e4 loses 3 digits, 1e30 all).
+    """
+    m = tl.zeros([], ACC)
+    s = tl.zeros([], ACC)
+    d = tl.zeros([BLOCK], ACC)
     qsum = tl.zeros([BLOCK], ACC)
     nnz = tl.zeros([BLOCK], ACC)
     for start in range(col_begin, col_end, BLOCK):
@@ -26,17 +31,19 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
         cmask = cols < col_end
         x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC)
         q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # Guard the all -inf prefix: -inf - (-inf) would be NaN.
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m_safe - m_new_safe) + tl.sum(tl.exp(x - m_new_safe), axis=0)
-        m = m_new
-        m_safe = m_new_safe
+        # s == 0 means no finite logit yet (the max itself adds exp(0) = 1).
+        # Until then m stays 0, so exp(x - m) never computes -inf - (-inf).
+        bmax = tl.max(x, axis=0)
+        m_new = tl.where(s == 0, bmax, tl.maximum(m, bmax))
+        m_new = tl.where(m_new == float("-inf"), m, m_new)
+        shift = m - m_new
+        s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new), axis=0)
         # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
-        dot += tl.where(q != 0, q * x, 0.0)
+        d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
         qsum += q
         nnz += tl.where(q != 0, 1.0, 0.0)
-    return m_safe, s, tl.sum(dot, axis=0), tl.sum(qsum, axis=0), tl.sum(nnz, axis=0)
+        m = m_new
+    return m, s, tl.sum(d, axis=0), tl.sum(qsum, axis=0), tl.sum(nnz, axis=0)
 
 
 @triton.jit
@@ -90,8 +97,8 @@ def xent_forward_kernel(
 
     SPLIT == 1: the program owns the row and writes LOSS, LSE, QSUM (and with
     WRITE_GRAD the unscaled dlogits into DX). SPLIT > 1: each program owns
-    ``cols_per_split`` columns and writes its partial (m, s, dot, qsum, nnz)
-    into PART[5, n_rows, SPLIT] for xent_combine_kernel.
+    ``cols_per_split`` columns and writes its partial (m, s, d, qsum, nnz)
+    into PART[5, n_rows, SPLIT] for xent_combine_kernel (d is relative to m).
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
@@ -108,10 +115,10 @@ def xent_forward_kernel(
     col_end = tl.minimum(col_begin + cols_per_split, V)
     # Ignored rows (hard labels) read nothing: their loop is empty.
     col_end = tl.where(active, col_end, col_begin)
-    m, s, dot, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
+    m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
                                         smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC)
     if SPLIT == 1:
-        loss, lse, qsum = finalize_row(m, s, dot, qsum, nnz, active, valid, z_scale, HAS_Z)
+        loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))
         tl.store(LSE + row, lse)
         tl.store(QSUM + row, qsum)
@@ -125,7 +132,7 @@ def xent_forward_kernel(
         stride = n_rows * SPLIT
         tl.store(PART + base, m)
         tl.store(PART + stride + base, s)
-        tl.store(PART + 2 * stride + base, dot)
+        tl.store(PART + 2 * stride + base, d)
         tl.store(PART + 3 * stride + base, qsum)
         tl.store(PART + 4 * stride + base, nnz)
 
@@ -156,10 +163,13 @@ def xent_combine_kernel(
     m = tl.max(tl.where(s_part > 0, m_part, float("-inf")), axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(s_part != 0, s_part * tl.exp(m_part - m), s_part), axis=0)
-    dot = tl.sum(tl.load(PART + 2 * stride + base, mask=kmask, other=0.0), axis=0)
-    qsum = tl.sum(tl.load(PART + 3 * stride + base, mask=kmask, other=0.0), axis=0)
+    # Re-base each part's d from its own max to the row's: d_k + qsum_k (m_k - m).
+    q_part = tl.load(PART + 3 * stride + base, mask=kmask, other=0.0)
+    d_part = tl.load(PART + 2 * stride + base, mask=kmask, other=0.0)
+    d = tl.sum(tl.where(q_part != 0, d_part + q_part * (m_part - m), d_part), axis=0)
+    qsum = tl.sum(q_part, axis=0)
     nnz = tl.sum(tl.load(PART + 4 * stride + base, mask=kmask, other=0.0), axis=0)
-    loss, lse, qsum = finalize_row(m, s, dot, qsum, nnz, active, valid, z_scale, HAS_Z)
+    loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
     tl.store(LOSS + row, to_store(loss, LOSS))
     tl.store(LSE + row, lse)
     tl.store(QSUM + row, qsum)

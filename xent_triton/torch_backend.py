@@ -117,10 +117,12 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
         q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
         m = x.amax(dim=1)
         m = torch.where(m == float("-inf"), 0.0, m)
-        lse = m + torch.log(torch.exp(x - m[:, None]).sum(dim=1))
-        dot = torch.where(q != 0, q * x, 0.0).sum(dim=1)
+        log_s = torch.log(torch.exp(x - m[:, None]).sum(dim=1))
+        lse = m + log_s
+        # sum(q * (lse - x)) relative to the max: no cancellation for huge logits.
+        d = torch.where(q != 0, q * (x - m[:, None]), 0.0).sum(dim=1)
         qsum = q.sum(dim=1)
-        loss = lse * qsum - dot + z_scale * lse * lse
+        loss = log_s * qsum - d + z_scale * lse * lse
         loss = torch.where((lse == float("-inf")) & ((q != 0).sum(dim=1) == 0), 0.0, loss)
         if active is not None:
             loss, lse, qsum = (torch.where(active, v, 0.0) for v in (loss, lse, qsum))
