@@ -19,7 +19,10 @@ def ref_soft(labels, logits, axis=-1):
     x = logits.double()
     y = labels.double().expand(logits.shape)
     lsm = torch.log_softmax(x, axis)
-    return -torch.where(y != 0, y * lsm, 0.0).sum(axis)
+    # Only where a zero label meets a -inf (or undefined) log-softmax is the term dropped;
+    # elsewhere the labels keep their gradient -log_softmax.
+    lsm = torch.where((y == 0) & ~torch.isfinite(lsm), 0.0, lsm)
+    return -(y * lsm).sum(axis)
 
 
 def rand_logits(shape, dtype, device, scale=3.0, requires_grad=True):

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine call: install, environment, tests on CUDA, benchmark sweep.
+#
+#   bash perf/gpu_check.sh              # tests + `python3 -m perf.sweep --quick`  (~8 min at most: fits one 600 s call)
+#   bash perf/gpu_check.sh --full       # tests + the default sweep (the sweep alone takes < 8 min: add --no-tests
+#                                       # to fit one 600 s call)
+#   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
+#
+# Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
+#   PYTEST_TIMEOUT_S (default 240), SWEEP_TIMEOUT_S (default 230 quick / 520 full),
+#   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16").
+# Writes into $OUT (the device tool returns at most 8 files): pytest.log, sweep.log, and from the sweep
+# sweep.csv, sweep.md, log.txt, pct_of_copy.png, speedup_vs_compile.png.
+# Exit status: 0 all good; bit 1 set when the tests failed (or found none, or timed out); bit 2 set when the
+# sweep failed or had a FAIL/ERROR row. The sweep runs even when the tests fail.
+set -uo pipefail
+
+OUT="${OUT:-/tmp/xent_gpu_check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
+
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1
+for a in "$@"; do
+  case "$a" in
+    --full) FULL=1 ;;
+    --no-tests) RUN_TESTS=0 ;;
+    --no-sweep) RUN_SWEEP=0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+
+T0=$(date +%s)
+say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
+
+# ---------------------------------------------------------------- (a) install (offline)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  say "installing carried wheels from .whl/ into /tmp/site"
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  else
+    say "WARNING: installing the wheels in .whl/ failed; going on without them"
+  fi
+fi
+
+INSTALL=editable
+if python3 -m pip install -q --no-index --no-deps --no-build-isolation --root-user-action=ignore -e . \
+     > /tmp/xent_pip_install.log 2>&1; then
+  say "pip install -e . (offline, no build isolation): ok"
+else
+  INSTALL=fallback
+  say "WARNING: pip install -e . FAILED; last lines:"
+  tail -n 15 /tmp/xent_pip_install.log
+  # The package maps kernels/ to xent_triton.kernels only through the install (pyproject package-dir).
+  # Without it, link the folder into place in this copy of the tree and import from the repo root.
+  if [ ! -e xent_triton/kernels ]; then ln -s ../kernels xent_triton/kernels; fi
+  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+  say "FALLBACK: xent_triton/kernels -> ../kernels symlink + PYTHONPATH=$PWD (not the installed layout)"
+fi
+if python3 -c "import xent_triton, xent_triton.kernels as k; print('import ok:', xent_triton.__file__, k.__file__)"; then
+  IMPORT_OK=1
+else
+  IMPORT_OK=0
+  say "ERROR: import xent_triton / xent_triton.kernels fails ($INSTALL install)"
+fi
+
+# ---------------------------------------------------------------- (b) environment
+say "environment"
+nvidia-smi -L || say "WARNING: nvidia-smi -L failed"
+python3 - <<'EOF' || say "WARNING: torch/triton version query failed"
+import platform, torch, triton
+print(f"python {platform.python_version()}, torch {torch.__version__} (cuda {torch.version.cuda}), "
+      f"triton {triton.__version__}")
+print("cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+EOF
+
+# ---------------------------------------------------------------- (c) tests on CUDA
+TEST_RC=-1
+if [ "$RUN_TESTS" = 1 ]; then
+  say "pytest on CUDA (TRITON_INTERPRET and XENT_TRITON_BACKEND unset), timeout ${PYTEST_TIMEOUT_S:-240}s"
+  if ! compgen -G "tests/*.py" > /dev/null && ! compgen -G "tests/**/*.py" > /dev/null; then
+    say "WARNING: tests/ holds no .py files"
+  fi
+  timeout -k 10 "${PYTEST_TIMEOUT_S:-240}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m pytest -x -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log"
+  TEST_RC=${PIPESTATUS[0]}
+  case "$TEST_RC" in
+    0) say "pytest: passed" ;;
+    5) say "pytest: NO TESTS COLLECTED (rc 5)" ;;
+    124|137) say "pytest: TIMED OUT after ${PYTEST_TIMEOUT_S:-240}s (rc $TEST_RC)" ;;
+    *) say "pytest: FAILED (rc $TEST_RC)" ;;
+  esac
+fi
+
+# ---------------------------------------------------------------- (d) sweep
+SWEEP_RC=-1
+if [ "$RUN_SWEEP" = 1 ]; then
+  if [ "$FULL" = 1 ]; then MODE=(); STO="${SWEEP_TIMEOUT_S:-520}"; else MODE=(--quick); STO="${SWEEP_TIMEOUT_S:-230}"; fi
+  say "python3 -m perf.sweep ${MODE[*]:-} --out $OUT ${SWEEP_ARGS:-} (timeout ${STO}s; SIGTERM makes it write what it has)"
+  # shellcheck disable=SC2086  # SWEEP_ARGS is split on purpose
+  timeout -k 30 "$STO" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m perf.sweep ${MODE[@]+"${MODE[@]}"} --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log"
+  SWEEP_RC=${PIPESTATUS[0]}
+  say "sweep: rc $SWEEP_RC"
+fi
+
+# ---------------------------------------------------------------- summary (the tail of the output is what comes back)
+echo
+echo "======================================== SUMMARY ========================================"
+if [ -s "$OUT/sweep.csv" ]; then
+  python3 -m perf.sweep --summary "$OUT/sweep.csv" || say "could not summarize $OUT/sweep.csv"
+  grep -h -E "^(STOPPED|skip |OOM |FAIL |ERROR |WARNING|note: liger)" "$OUT/log.txt" 2>/dev/null | head -n 20
+  grep -h -E "copy" "$OUT/log.txt" 2>/dev/null | head -n 3
+fi
+echo "install: $INSTALL (import ok: $IMPORT_OK)"
+if [ "$RUN_TESTS" = 1 ]; then
+  echo "pytest: rc $TEST_RC: $(grep -E '(passed|failed|error|no tests ran)' "$OUT/pytest.log" | tail -n 1)"
+fi
+[ "$RUN_SWEEP" = 1 ] && echo "sweep: rc $SWEEP_RC ($([ "$FULL" = 1 ] && echo default grid || echo --quick))"
+echo "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo "elapsed: $(( $(date +%s) - T0 )) s"
+
+RC=0
+if [ "$RUN_TESTS" = 1 ] && [ "$TEST_RC" != 0 ]; then RC=$((RC | 1)); fi
+if [ "$RUN_SWEEP" = 1 ] && [ "$SWEEP_RC" != 0 ]; then RC=$((RC | 2)); fi
+exit "$RC"

@@ -1,0 +1,112 @@
+"""Extreme values: each rule here is documented in the README ("NaN and inf rules")."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_triton
+from helpers import close, rand_logits, rand_probs, ref_soft
+from xent_triton import softmax_cross_entropy_with_logits as sce
+
+
+def test_fp16_near_max(backend, device):
+    x = torch.tensor([[65504.0, 65000.0, -65504.0, 0.0], [-65504.0, -65504.0, -65000.0, 60000.0]],
+                     dtype=torch.float16, device=device, requires_grad=True)
+    y = rand_probs((2, 4), torch.float16, device)
+    out = sce(y, x)
+    assert torch.isfinite(out).all()
+    close(out, ref_soft(y, x.detach()), rtol=1e-2, atol=1e-2)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    ref = torch.softmax(x.detach().double(), -1) * y.double().sum(-1, keepdim=True) - y.double()
+    close(g, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_huge_fp32_logits(backend, device):
+    """1e30 logits: computed relative to the row max, so no cancellation."""
+    x = torch.randn(3, 100, device=device, dtype=torch.float64) * 1e30
+    x[:, 5] = x.max(1).values - 1.0
+    x = x.float().requires_grad_()
+    t = torch.full((3,), 5, device=device)
+    out = xent_triton.cross_entropy(x, t, reduction="none")
+    close(out, F.cross_entropy(x.detach().double(), t, reduction="none"), rtol=1e-5, atol=1e-5)
+    y = rand_probs((3, 100), torch.float32, device)
+    close(sce(y, x), ref_soft(y, x.detach()), rtol=1e-5, atol=0)
+
+
+def test_fully_masked_rows(backend, device):
+    """All -inf: no label mass -> loss 0, gradient 0; label mass -> NaN loss, gradient -labels."""
+    x = rand_logits((3, 10), torch.float32, device, requires_grad=False)
+    x[0] = float("-inf")
+    x[1] = float("-inf")
+    x.requires_grad_()
+    y = rand_probs((3, 10), torch.float32, device)
+    y[0] = 0
+    out = sce(y, x)
+    assert out[0].item() == 0.0 and math.isnan(out[1].item()) and math.isfinite(out[2].item())
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert (g[0] == 0).all()
+    close(g[1], -y[1], rtol=0, atol=0)
+    # Hard labels: a masked target row is NaN, an ignored one costs nothing.
+    t = torch.tensor([-100, 3, 2], device=device)
+    loss = xent_triton.cross_entropy(x, t, reduction="none")
+    assert loss[0].item() == 0.0 and math.isnan(loss[1].item()) and math.isfinite(loss[2].item())
+
+
+def test_single_class(backend, device):
+    x = rand_logits((5, 1), torch.float32, device)
+    y = torch.rand(5, 1, device=device) + 0.5
+    out = sce(y, x)
+    assert (out == 0).all()
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert (g == 0).all()
+    t = torch.zeros(5, dtype=torch.int64, device=device)
+    assert (xent_triton.cross_entropy(x, t, reduction="none") == 0).all()
+
+
+def test_positive_inf_logit_gives_nan_row(backend, device):
+    x = rand_logits((3, 8), torch.float32, device, requires_grad=False)
+    x[1, 2] = float("inf")
+    y = rand_probs((3, 8), torch.float32, device)
+    out = sce(y, x)
+    assert math.isnan(out[1].item()) and torch.isfinite(out[[0, 2]]).all()
+    # With a softcap, +inf is capped to the cap and the row is finite.
+    t = torch.tensor([0, 2, 1], device=device)
+    capped = xent_triton.cross_entropy(x, t, softcap=10.0, reduction="none")
+    assert torch.isfinite(capped).all()
+    close(capped[1], F.cross_entropy((10 * torch.tanh(x.double() / 10))[1:2], t[1:2], reduction="none")[0],
+          rtol=1e-5, atol=1e-5)
+
+
+def test_label_mass_on_masked_logits(backend, device):
+    x = rand_logits((2, 6), torch.float32, device, requires_grad=False)
+    x[:, 0] = float("-inf")
+    y = rand_probs((2, 6), torch.float32, device)
+    y[1, 0] = 0
+    out = sce(y, x)
+    assert out[0].item() == math.inf and math.isfinite(out[1].item())
+    t = torch.tensor([0, 1], device=device)
+    hard = xent_triton.cross_entropy(x, t, reduction="none")
+    assert hard[0].item() == math.inf and math.isfinite(hard[1].item())
+
+
+@pytest.mark.parametrize("where", ["logits", "labels"])
+def test_nan_inputs(backend, device, where):
+    x = rand_logits((4, 300), torch.bfloat16, device, requires_grad=False)
+    y = rand_probs((4, 300), torch.bfloat16, device)
+    (x if where == "logits" else y)[3, 299] = float("nan")
+    out = sce(y, x)
+    assert math.isnan(out[3].item()) and torch.isfinite(out[:3]).all()
+
+
+def test_large_vocab_small_batch_exactness(backend, device):
+    """256k classes, one row: every row statistic stays exact across many blocks."""
+    x = rand_logits((1, 256000), torch.float32, device, scale=4)
+    t = torch.tensor([123457], device=device)
+    out = xent_triton.cross_entropy(x, t, label_smoothing=0.1)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, t, label_smoothing=0.1)
+    close(out, ref, rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(out, x)
+    (r,) = torch.autograd.grad(ref, x64)
+    close(g, r, rtol=1e-5, atol=1e-7)
