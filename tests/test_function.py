@@ -1,0 +1,135 @@
+"""The in-place memory mode (InplaceGradCrossEntropy): right gradients, or autograd's error."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_triton
+from helpers import close, rand_logits, rand_probs
+
+F64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def _two_runs(fn, device, shape=(6, 30)):
+    """Gradients at h for loss(h * 1.5) with and without inplace_backward."""
+    h0 = torch.randn(shape, dtype=torch.float64, device=device)
+    results = []
+    for inplace in (False, True):
+        h = h0.clone().requires_grad_()
+        loss = fn(h * 1.5, inplace)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    return results
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_hard_inplace_matches(backend, device, reduction):
+    t = torch.tensor([1, 4, -100, 29, 0, 7], device=device)
+    w = torch.rand(30, dtype=torch.float64, device=device) + 0.5
+
+    def fn(logits, inplace):
+        out = xent_triton.cross_entropy(logits, t, weight=w, reduction=reduction, label_smoothing=0.1,
+                                        lse_square_scale=1e-2, softcap=4.0, inplace_backward=inplace)
+        return out if reduction != "none" else (out * torch.arange(6, device=device)).sum()
+
+    (l0, g0), (l1, g1) = _two_runs(fn, device)
+    close(l1, l0, **F64)
+    close(g1, g0, **F64)
+
+
+def test_soft_inplace_matches(backend, device):
+    y = rand_probs((2, 3, 30), torch.float64, device)
+
+    def fn(logits, inplace):
+        out = xent_triton.softmax_cross_entropy_with_logits(y, logits, inplace_backward=inplace)
+        return (out * torch.randn(out.shape, dtype=out.dtype, device=device, generator=torch.Generator(
+            device=device).manual_seed(3))).sum()
+
+    (l0, g0), (l1, g1) = _two_runs(fn, device, shape=(2, 3, 30))
+    close(l1, l0, **F64)
+    close(g1, g0, **F64)
+
+
+def test_inplace_writes_gradient_into_logits_storage(backend, device):
+    h = torch.randn(4, 20, device=device, requires_grad=True)
+    logits = h * 2.0
+    t = torch.randint(0, 20, (4,), device=device)
+    ptr = logits.data_ptr()
+    v0 = logits._version
+    loss = xent_triton.cross_entropy(logits, t, reduction="sum", inplace_backward=True)
+    assert logits._version > v0
+    p = torch.softmax((h.detach() * 2.0).double(), -1)
+    close(logits.detach(), p - F.one_hot(t, 20), rtol=1e-5, atol=1e-6)  # unscaled dlogits, in place
+    loss.backward()
+    assert logits.data_ptr() == ptr
+    close(h.grad, 2.0 * (p - F.one_hot(t, 20)), rtol=1e-5, atol=1e-6)
+
+
+def test_upstream_that_saved_logits_raises(backend, device):
+    """Liger #272 / Megatron-LM #1627: the version counter turns silent corruption into an error."""
+    h = torch.randn(4, 20, device=device, requires_grad=True)
+    logits = torch.exp(h)  # exp saves its output: the logits themselves
+    t = torch.randint(0, 20, (4,), device=device)
+    loss = xent_triton.cross_entropy(logits, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_no_grad_leaves_logits_alone(backend, device):
+    x = rand_logits((3, 10), torch.float32, device, requires_grad=False)
+    before = x.clone()
+    t = torch.randint(0, 10, (3,), device=device)
+    with torch.no_grad():
+        xent_triton.cross_entropy(x, t, inplace_backward=True)
+    assert torch.equal(x, before)
+
+
+def test_second_backward_raises(backend, device):
+    h = torch.randn(3, 10, device=device, requires_grad=True)
+    loss = xent_triton.cross_entropy(h * 1.0, torch.tensor([1, 2, 3], device=device), inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        loss.backward()
+
+
+def test_inplace_refuses_labels_with_grad(backend, device):
+    h = torch.randn(3, 10, device=device, requires_grad=True)
+    y = rand_probs((3, 10), torch.float32, device, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace_backward cannot also give labels a gradient"):
+        xent_triton.softmax_cross_entropy_with_logits(y, h * 1.0, inplace_backward=True)
+
+
+def test_inplace_leaf_gets_torch_error(backend, device):
+    leaf = torch.randn(3, 10, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        xent_triton.cross_entropy(leaf, torch.tensor([1, 2, 3], device=device), inplace_backward=True)
+
+
+def test_module_inplace(backend, device):
+    h = torch.randn(5, 12, device=device, requires_grad=True)
+    t = torch.randint(0, 12, (5,), device=device)
+    xent_triton.CrossEntropyLoss(inplace_backward=True)(h * 3.0, t).backward()
+    h2 = h.detach().clone().requires_grad_()
+    F.cross_entropy(h2 * 3.0, t).backward()
+    close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured with the CUDA allocator")
+def test_inplace_step_peak_memory_is_o_of_rows():
+    dev = torch.device("cuda")
+    N, V = 2048, 32000
+    lin = torch.nn.Linear(256, V, device=dev, dtype=torch.bfloat16)
+    h = torch.randn(N, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=dev)
+    peaks = {}
+    for inplace in (False, True):
+        logits = lin(h)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = xent_triton.cross_entropy(logits, t, inplace_backward=inplace)
+        torch.autograd.grad(loss, logits if not inplace else h)
+        peaks[inplace] = torch.cuda.max_memory_allocated() - base
+        del logits, loss
+    logits_bytes = N * V * 2
+    assert peaks[False] <= logits_bytes * 1.05 + (1 << 20)
+    assert peaks[True] < logits_bytes / 8, peaks  # O(rows) + the matmul's input gradient

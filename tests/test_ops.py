@@ -1,0 +1,134 @@
+"""The custom ops in the PyTorch ecosystem: torch.compile, CUDA graphs, autocast, opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_triton
+from helpers import close, rand_logits, rand_probs
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _model(device, dtype=torch.float32):
+    torch.manual_seed(1)
+    return torch.nn.Linear(16, 37, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard", "hard_extras"])
+def test_compile_fullgraph_matches_eager(backend, device, mode):
+    lin = _model(device)
+    x = torch.randn(12, 16, device=device)
+    t = torch.randint(0, 37, (12,), device=device)
+    t[3] = -100
+    y = rand_probs((12, 37), torch.float32, device)
+
+    def step(x):
+        logits = lin(x)
+        if mode == "soft":
+            return xent_triton.softmax_cross_entropy_with_logits(y, logits).mean()
+        if mode == "hard":
+            return xent_triton.cross_entropy(logits, t)
+        return xent_triton.cross_entropy(logits, t, label_smoothing=0.1, lse_square_scale=1e-3, softcap=5.0,
+                                         weight=torch.linspace(0.5, 1.5, 37, device=device))
+
+    eager = step(x)
+    g_eager = torch.autograd.grad(eager, lin.weight)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    g = torch.autograd.grad(out, lin.weight)[0]
+    close(out, eager, rtol=1e-6, atol=1e-6)
+    close(g, g_eager, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_inductor(backend, device):
+    """The default backend (Inductor) too: the fake implementations carry shapes and strides."""
+    x = rand_logits((8, 40), torch.float32, device)
+    t = torch.randint(0, 40, (8,), device=device)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z: xent_triton.cross_entropy(z * 2.0, t, reduction="sum"), fullgraph=True)
+    out = fn(x)
+    (g,) = torch.autograd.grad(out, x)
+    x2 = x.detach().clone().requires_grad_()
+    ref = F.cross_entropy(x2 * 2.0, t, reduction="sum")
+    (r,) = torch.autograd.grad(ref, x2)
+    close(out, ref, rtol=1e-5, atol=1e-5)
+    close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck(backend, device):
+    """torch.library.opcheck: schema, fake tensor, autograd registration and dispatch consistency."""
+    x = rand_logits((4, 9), torch.float64, device)
+    y = rand_probs((4, 9), torch.float64, device, requires_grad=True)
+    t = torch.tensor([1, -100, 8, 0], device=device)
+    torch.library.opcheck(torch.ops.xent_triton.forward.default,
+                          (x, y, None, None, 1, -100, 0.1, 0.01, 0.0, False))
+    torch.library.opcheck(torch.ops.xent_triton.forward.default,
+                          (x, None, t, None, 1, -100, 0.0, 0.0, 3.0, True))
+    lse = torch.randn(4, dtype=torch.float64, device=device)
+    qsum = torch.rand(4, dtype=torch.float64, device=device)
+    g = torch.randn(4, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.xent_triton.backward.default,
+                          (g, x.detach(), y.detach(), None, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True, True))
+
+
+def test_autocast_keeps_half_logits(backend, device):
+    """Under autocast the bf16 logits go straight in (no fp32 copy) and the loss is fp32."""
+    if device.type == "cpu":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    lin = _model(device)
+    x = torch.randn(10, 16, device=device)
+    t = torch.randint(0, 37, (10,), device=device)
+    saved = []
+    with autocast:
+        logits = lin(x)
+        assert logits.dtype == torch.bfloat16
+        labels = torch.softmax(logits.detach().float(), -1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+            loss = xent_triton.cross_entropy(logits, t)
+            soft = xent_triton.softmax_cross_entropy_with_logits(labels, logits)
+        ref = F.cross_entropy(logits, t)
+    assert loss.dtype == torch.float32 and soft.dtype == torch.float32 and ref.dtype == torch.float32
+    # Every N x V tensor our ops saved is an input itself: the bf16 logits (no fp32 copy) or the labels.
+    big = [s for s in saved if s.numel() == logits.numel()]
+    assert big and {s.data_ptr() for s in big} <= {logits.data_ptr(), labels.data_ptr()}
+    assert any(s.data_ptr() == logits.data_ptr() and s.dtype == torch.bfloat16 for s in big)
+    close(loss, F.cross_entropy(logits.detach().double(), t), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+@cuda_only
+def test_cuda_graph_capture_and_replay():
+    dev = torch.device("cuda")
+    x = rand_logits((64, 5000), torch.bfloat16, dev, requires_grad=False)
+    t = torch.randint(0, 5000, (64,), device=dev)
+    y = rand_probs((64, 5000), torch.bfloat16, dev)
+    static_x = x.clone().requires_grad_()
+
+    def step():
+        loss = xent_triton.cross_entropy(static_x, t) + xent_triton.softmax_cross_entropy_with_logits(
+            y, static_x).mean()
+        (g,) = torch.autograd.grad(loss, static_x)
+        return loss, g
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm up: compile kernels, settle the allocator
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss, static_g = step()
+    for _ in range(2):
+        new = rand_logits((64, 5000), torch.bfloat16, dev, requires_grad=False)
+        with torch.no_grad():
+            static_x.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, ref_g = step()
+        close(static_loss, ref_loss, rtol=0, atol=0)
+        close(static_g, ref_g, rtol=0, atol=0)
