@@ -5,7 +5,8 @@ statistics the forward saved; dlabels = g * (1 - eps) * w * (lse - x) for soft l
 grad. Both are computed in fp32 (fp64 for fp64 inputs) and rounded once on
 store: rounding softmax - 1 to bf16 first loses the true-class gradient.
 Traffic per row: read V logits (+ V labels if soft), write V dlogits
-(+ V dlabels if requested). Ignored hard-label rows only write zeros.
+(+ V dlabels if requested). Ignored hard-label rows only write zeros. In the
+in-place memory mode dlogits is written over the logits it was computed from.
 """
 import triton
 import triton.language as tl
@@ -21,13 +22,16 @@ def xent_backward_kernel(
     W,
     G, sg_outer, sg_inner,
     LSE, QSUM,
-    DX, DY,
+    DX, sdx_outer, sdx_inner,
+    DY,
     n_inner, V, n_classes, class_offset, cols_per_prog,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Grid (n_rows, cdiv(V, cols_per_prog)). DX and DY are contiguous (n_rows, V).
+    """Grid (n_rows, cdiv(V, cols_per_prog)). DY is contiguous (n_rows, V); DX is
+    addressed like X and may be X itself (the in-place mode): each element is
+    loaded before this same program stores over it.
 
     LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
     shard they are the global (all-shard) values.
@@ -67,7 +71,7 @@ def xent_backward_kernel(
             if SOFTCAP:
                 dx = dx * (1.0 - th * th)
             dx = tl.where(active, dx, 0.0)
-            tl.store(DX + row * V + cols, to_store(dx, DX), mask=cmask)
+            tl.store(DX + outer * sdx_outer + inner * sdx_inner + cols, to_store(dx, DX), mask=cmask)
         if NEED_DY:
             dy = g * (lse - x)
             if SMOOTH:
@@ -75,22 +79,3 @@ def xent_backward_kernel(
             if HAS_WEIGHT:
                 dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
             tl.store(DY + row * V + cols, to_store(dy, DY), mask=cmask)
-
-
-@triton.jit
-def scale_rows_kernel(DX, sdx_outer, sdx_inner, G, sg_outer, sg_inner, n_inner, V, cols_per_prog,
-                      BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """DX[row, :] *= G[row], in place: the backward of the fused loss+grad mode."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    outer = row // n_inner
-    inner = row % n_inner
-    DX_row = DX + outer * sdx_outer + inner * sdx_inner
-    g = tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC)
-    col_begin = part * cols_per_prog
-    col_end = tl.minimum(col_begin + cols_per_prog, V)
-    for start in range(col_begin, col_end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        cmask = cols < col_end
-        dx = tl.load(DX_row + cols, mask=cmask, other=0.0).to(ACC)
-        tl.store(DX_row + cols, to_store(dx * g, DX), mask=cmask)

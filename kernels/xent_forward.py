@@ -7,7 +7,7 @@ row: the statistics the backward pass needs (lse and coef) and the loss.
 import triton
 import triton.language as tl
 
-from .row_math import f64_param, to_store, finalize_row, grad_coef, load_logits, row_target, target_mass, softcap_tanh
+from .row_math import f64_param, finalize_row, load_logits, row_target, target_mass, to_store
 
 
 @triton.jit
@@ -47,31 +47,6 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
 
 
 @triton.jit
-def _write_row_grad(X_row, Y_row, W, DX_row, V, n_classes, t, tw, active, smoothing, softcap, lse, coef,
-                    HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    # Second sweep of the row for the fused loss+grad mode. Each element is read
-    # before it is written by this same program, so DX_row may alias X_row.
-    # Ignored rows load nothing (every lane masked) and write zeros.
-    load_end = tl.where(active, V, 0)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        cmask = cols < V
-        xr = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf")).to(ACC)
-        x = xr
-        if SOFTCAP:
-            th = softcap_tanh(xr, softcap)
-            x = tl.where(xr == float("-inf"), xr, softcap * th)
-        q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
-        p = tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
-        dx = p * coef - q
-        if SOFTCAP:
-            dx = dx * (1.0 - th * th)
-        dx = tl.where(active, dx, 0.0)
-        tl.store(DX_row + cols, to_store(dx, DX_row), mask=cmask)
-
-
-@triton.jit
 def xent_forward_kernel(
     X, sx_outer, sx_inner,
     Y, sy_outer, sy_inner,
@@ -79,11 +54,10 @@ def xent_forward_kernel(
     W,
     LOSS, LSE, QSUM,
     PART,
-    DX, sdx_outer, sdx_inner,
     n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
-    SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """Row statistics of softmax cross entropy.
@@ -95,8 +69,7 @@ def xent_forward_kernel(
     The row holds classes [class_offset, class_offset + V) of n_classes: a
     vocabulary shard (xent_triton.distributed) or, usually, the whole row.
 
-    SPLIT == 1: the program owns the row and writes LOSS, LSE, QSUM (and with
-    WRITE_GRAD the unscaled dlogits into DX). SPLIT > 1: each program owns
+    SPLIT == 1: the program owns the row and writes LOSS, LSE, QSUM. SPLIT > 1: each program owns
     ``cols_per_split`` columns and writes its partial (m, s, d, qsum, nnz)
     into PART[5, n_rows, SPLIT] for xent_combine_kernel (d is relative to m).
     """
@@ -122,11 +95,6 @@ def xent_forward_kernel(
         tl.store(LOSS + row, to_store(loss, LOSS))
         tl.store(LSE + row, lse)
         tl.store(QSUM + row, qsum)
-        if WRITE_GRAD:
-            coef = grad_coef(lse, qsum, z_scale, active, valid, HAS_Z)
-            DX_row = DX + outer * sdx_outer + inner * sdx_inner
-            _write_row_grad(X_row, Y_row, W, DX_row, V, n_classes, t, tw, active, smoothing, softcap, lse, coef,
-                            HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC)
     else:
         base = row * SPLIT + split
         stride = n_rows * SPLIT

@@ -480,9 +480,6 @@ def _launch_note(N: int, V: int, b: int, device: torch.device, inplace: bool) ->
     try:
         from xent_triton import launch_config as lc
 
-        if inplace:
-            f = lc.forward_launch(N, V, b, device, fused_grad=True)
-            return f"fused fwd+grad BLOCK={f.block} warps={f.num_warps} split={f.split}"
         f = lc.forward_launch(N, V, b, device)
         g = lc.backward_launch(N, V, b, device)
         return (f"fwd BLOCK={f.block} warps={f.num_warps} split={f.split}; "

@@ -54,12 +54,14 @@ def test_inplace_writes_gradient_into_logits_storage(backend, device):
     logits = h * 2.0
     t = torch.randint(0, 20, (4,), device=device)
     ptr = logits.data_ptr()
+    before = logits.detach().clone()
     v0 = logits._version
     loss = xent_triton.cross_entropy(logits, t, reduction="sum", inplace_backward=True)
-    assert logits._version > v0
-    p = torch.softmax((h.detach() * 2.0).double(), -1)
-    close(logits.detach(), p - F.one_hot(t, 20), rtol=1e-5, atol=1e-6)  # unscaled dlogits, in place
+    assert logits._version > v0  # bumped at once, so upstream ops that saved the logits notice
+    assert torch.equal(logits.detach(), before)
     loss.backward()
+    p = torch.softmax((h.detach() * 2.0).double(), -1)
+    close(logits.detach(), p - F.one_hot(t, 20), rtol=1e-5, atol=1e-6)  # dlogits, in the logits' storage
     assert logits.data_ptr() == ptr
     close(h.grad, 2.0 * (p - F.one_hot(t, 20)), rtol=1e-5, atol=1e-6)
 
@@ -87,15 +89,30 @@ def test_second_backward_raises(backend, device):
     h = torch.randn(3, 10, device=device, requires_grad=True)
     loss = xent_triton.cross_entropy(h * 1.0, torch.tensor([1, 2, 3], device=device), inplace_backward=True)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="already used"):
+    with pytest.raises(RuntimeError, match="already overwritten"):
         loss.backward()
 
 
-def test_inplace_refuses_labels_with_grad(backend, device):
-    h = torch.randn(3, 10, device=device, requires_grad=True)
-    y = rand_probs((3, 10), torch.float32, device, requires_grad=True)
-    with pytest.raises(ValueError, match="inplace_backward cannot also give labels a gradient"):
-        xent_triton.softmax_cross_entropy_with_logits(y, h * 1.0, inplace_backward=True)
+def test_inplace_with_labels_gradient(backend, device):
+    """dlabels needs the logits: the kernel computes it from each block before overwriting that block."""
+    h0 = torch.randn(3, 700, dtype=torch.float64, device=device)
+    y0 = rand_probs((3, 700), torch.float64, device)
+    grads = []
+    for inplace in (False, True):
+        h = h0.clone().requires_grad_()
+        y = y0.clone().requires_grad_()
+        out = xent_triton.softmax_cross_entropy_with_logits(y, h * 1.0, inplace_backward=inplace)
+        (out * torch.arange(3, device=device)).sum().backward()
+        grads.append((h.grad, y.grad))
+    close(grads[1][0], grads[0][0], **F64)
+    close(grads[1][1], grads[0][1], **F64)
+
+
+def test_inplace_needs_logits_it_can_write(backend, device):
+    h = torch.randn(3, 10, 4, device=device, requires_grad=True)
+    y = rand_probs((3, 10, 4), torch.float32, device, axis=1)
+    with pytest.raises(ValueError, match=r"inplace_backward needs logits whose class axis has stride 1"):
+        xent_triton.softmax_cross_entropy_with_logits(y, h * 1.0, axis=1, inplace_backward=True)
 
 
 def test_inplace_leaf_gets_torch_error(backend, device):

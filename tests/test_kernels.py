@@ -18,8 +18,7 @@ SCRIPT = textwrap.dedent(r'''
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from xent_triton.kernels import (xent_forward_kernel, xent_combine_kernel, xent_backward_kernel,
-                                     scale_rows_kernel)
+    from xent_triton.kernels import xent_forward_kernel, xent_combine_kernel, xent_backward_kernel
 
     FLOATS = {"smoothing", "smoothing_lo", "z_scale", "z_scale_lo", "softcap", "softcap_lo"}
 
@@ -44,18 +43,17 @@ SCRIPT = textwrap.dedent(r'''
         kind, ptrs, consts, warps = case["kind"], case["ptrs"], dict(case["consts"]), case["warps"]
         if "ACC" in consts:
             consts["ACC"] = ACC[consts["ACC"]]
-        fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
-              "scale": scale_rows_kernel}[kind]
+        fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel}[kind]
         size = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
         print("compiled", kind, size, flush=True)
 ''')
 
 
-def _fwd(x, y, acc, hard, extras, split=1, write_grad=False, block=2048, warps=16, ints="i32"):
+def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32"):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W=f"*{x}", LOSS=f"*{x}", LSE=f"*{acc}", QSUM=f"*{acc}",
-                PART=f"*{acc}", DX=f"*{x}")
+                PART=f"*{acc}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, SPLIT=split,
-                  WRITE_GRAD=write_grad, BLOCK=block, ACC=acc)
+                  BLOCK=block, ACC=acc)
     return dict(kind="fwd", ptrs=ptrs, consts=consts, warps=warps, ints=ints)
 
 
@@ -70,7 +68,7 @@ def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16):
 CASES = {
     "forward_soft_bf16": [_fwd("bf16", "bf16", "fp32", False, False)],
     "forward_soft_mixed_all_features": [_fwd("fp16", "fp32", "fp32", False, True, ints="i64")],
-    "forward_hard_all_features_fused_grad": [_fwd("bf16", "bf16", "fp32", True, True, write_grad=True)],
+    "forward_hard_all_features": [_fwd("bf16", "bf16", "fp32", True, True)],
     "forward_split_and_combine": [
         _fwd("bf16", "bf16", "fp32", True, True, split=8),
         dict(kind="combine", ptrs=dict(T="*i64", W="*fp32", LOSS="*bf16", LSE="*fp32", QSUM="*fp32",
@@ -80,8 +78,6 @@ CASES = {
     "backward_soft_with_dlabels": [_bwd("bf16", "fp32", "fp32", False, False, True)],
     "backward_hard_all_features": [_bwd("bf16", "bf16", "fp32", True, True, False)],
     "backward_fp64": [_bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4)],
-    "scale_rows": [dict(kind="scale", ptrs=dict(DX="*bf16", G="*fp32"), consts=dict(BLOCK=2048, ACC="fp32"),
-                        warps=16)],
 }
 
 

@@ -4,8 +4,18 @@ Soft labels (TensorFlow's ``softmax_cross_entropy_with_logits``) and class
 indices (a drop-in for ``torch.nn.functional.cross_entropy``), with a torch
 fallback on the CPU.
 """
-from . import ops  # noqa: F401  (registers the torch.library custom ops)
-from .function import InplaceGradCrossEntropy, SoftmaxCrossEntropyWithLogits as SoftmaxCrossEntropyFunction
+import os as _os
+
+# kernels/ is installed as xent_triton.kernels (pyproject's package-dir). Imported
+# straight from a source checkout (PYTHONPATH, or a checkout that shadows an
+# install of another tree), find it beside this package, so that the host code
+# and the kernels always come from the same tree.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(_os.path.join(_root, "kernels")):
+    __path__.append(_root)
+
+from . import ops  # noqa: E402,F401  (registers the torch.library custom ops)
+from .function import InplaceGradCrossEntropy, SoftmaxCrossEntropyWithLogits as SoftmaxCrossEntropyFunction  # noqa: E402
 from .functional import cross_entropy, softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
 from .modules import CrossEntropyLoss, SoftmaxCrossEntropyWithLogits
 

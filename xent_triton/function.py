@@ -34,40 +34,42 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
 
 
 class InplaceGradCrossEntropy(torch.autograd.Function):
-    """Loss whose forward overwrites the logits with the unscaled dlogits.
+    """Cross entropy whose backward writes dlogits over the logits' storage.
 
-    The backward scales that buffer by the incoming gradient and returns it, so a
-    training step needs O(rows) extra memory instead of a dlogits tensor.
-    ``mark_dirty`` bumps the logits' version counter: an upstream op that saved
-    the logits for its own backward then raises autograd's in-place error
-    instead of computing with gradients in place of logits.
+    A training step then needs O(rows) extra memory instead of a dlogits tensor,
+    and moves the same bytes as the default path. The forward marks the logits
+    dirty: that bumps their version counter now, so an upstream op that saved
+    the logits for its own backward raises autograd's in-place error instead of
+    later reading gradients in place of logits (Liger #272, Megatron-LM #1627).
     """
 
     @staticmethod
     def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                 softcap, loss_fp32):
-        loss, lse = torch.ops.xent_triton.forward_grad_inplace(
+        loss, lse, qsum = torch.ops.xent_triton.forward(
             logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32)
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits)
-        ctx.axis = axis
+        ctx.save_for_backward(logits, labels, target, weight, lse, qsum)
+        ctx.params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
         ctx.consumed = False
         return loss, lse, logits
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, grad_logits):
         if grad_logits is not None:
-            raise RuntimeError("inplace_backward overwrote the logits with gradients; they cannot be used after "
-                               "the loss")
+            raise RuntimeError("inplace_backward: the logits are overwritten by their gradient in the backward "
+                               "pass, so they cannot be used after the loss")
         if ctx.consumed:
-            raise RuntimeError("inplace_backward: the gradient buffer was already used by an earlier backward "
+            raise RuntimeError("inplace_backward: the logits were already overwritten by an earlier backward "
                                "(retain_graph=True is not supported in this mode)")
         ctx.consumed = True
-        (dlogits,) = ctx.saved_tensors
+        logits, labels, target, weight, lse, qsum = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 10
-        torch.ops.xent_triton.scale_rows_(dlogits, grad_loss, ctx.axis)
-        return (dlogits,) + (None,) * 9
+        need_dy = ctx.needs_input_grad[1]
+        dlabels = torch.ops.xent_triton.backward_inplace(
+            grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dy)
+        return (logits, dlabels if need_dy else None) + (None,) * 8

@@ -3,6 +3,7 @@ import torch
 
 from . import validation as v
 from .function import InplaceGradCrossEntropy
+from .layout import check_inplace, make_rows
 
 # An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
 _NEVER = -(2**63)
@@ -18,9 +19,7 @@ def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing
     args = (logits, labels, target, weight, axis, int(ignore_index), float(label_smoothing),
             float(lse_square_scale), float(softcap or 0.0), loss_fp32)
     if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
-        if labels is not None and labels.requires_grad:
-            raise ValueError("inplace_backward cannot also give labels a gradient (it overwrites the logits that "
-                             "gradient needs); detach the labels or turn inplace_backward off")
+        check_inplace(make_rows(logits, labels, target, weight, axis), logits, axis)
         loss, lse, _ = InplaceGradCrossEntropy.apply(*args)
         return loss, lse
     loss, lse, _qsum = torch.ops.xent_triton.forward(*args)
@@ -40,8 +39,8 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backwa
             they require one.
         logits (Tensor): float16, bfloat16, float32 or float64 tensor of rank >= 1.
         axis (int): the class axis. Default: -1.
-        inplace_backward (bool): overwrite ``logits`` with the gradient during the forward
-            to save a dlogits tensor of memory (see the README). Default: False.
+        inplace_backward (bool): write the gradient over ``logits`` in the backward pass,
+            saving a dlogits tensor of memory (see the README). Default: False.
 
     Returns:
         Tensor of the logits' shape without ``axis`` (a scalar for rank-1 logits), in the
@@ -99,8 +98,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         softcap (float, optional): apply ``softcap * tanh(input / softcap)`` to the logits
             first (Gemma 2); ``-inf`` stays ``-inf``. Default: None.
         return_lse (bool): also return the per-row log-sum-exp (detached; 0 on ignored rows).
-        inplace_backward (bool): overwrite ``input`` with its gradient in the forward pass
-            (see the README). Default: False.
+        inplace_backward (bool): write the gradient over ``input`` in the backward pass,
+            saving a dlogits tensor of memory (see the README). Default: False.
 
     Class indices outside ``[0, C)`` (other than ``ignore_index``) give NaN for their row
     on the Triton path and raise IndexError on the torch fallback.

@@ -57,9 +57,7 @@ def _launch(n_rows, n_cols, itemsize, device, split=None) -> Launch:
     return Launch(block=block, num_warps=num_warps, split=triton.cdiv(n_cols, cols), cols_per_prog=cols)
 
 
-def forward_launch(n_rows, n_cols, itemsize, device, fused_grad=False) -> Launch:
-    if fused_grad:
-        return _launch(n_rows, n_cols, itemsize, device, split=1)
+def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
     return _launch(n_rows, n_cols, itemsize, device, split=FORCE_SPLIT)
 
 

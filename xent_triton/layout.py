@@ -114,3 +114,11 @@ def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, 
 def grad_buffer_shape(logits_shape, axis: int):
     """Shape of the class-last contiguous buffer a dlogits/dlabels is written into."""
     return batch_shape(logits_shape, axis) + (logits_shape[axis],)
+
+
+def check_inplace(rows: Rows, logits: torch.Tensor, axis: int):
+    """The in-place mode writes dlogits through the row view: it must be the logits, not a copy."""
+    if rows.logits.data_ptr() != logits.data_ptr():
+        raise ValueError(
+            f"inplace_backward needs logits whose class axis has stride 1 and whose batch dims two strides "
+            f"describe; got shape {tuple(logits.shape)} with strides {logits.stride()} and axis {axis}")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import backend
 from ._alloc import new_output
-from .layout import acc_dtype, batch_shape, grad_buffer_shape, make_rows
+from .layout import acc_dtype, batch_shape, check_inplace, grad_buffer_shape, make_rows
 
 
 def _impl(device: torch.device):
@@ -126,39 +126,29 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
 torch.library.register_autograd("xent_triton::forward", _backward, setup_context=_setup_context)
 
 
-# In-place memory mode: the forward also writes the unscaled dlogits over the
-# logits; the backward only scales them by the incoming gradient.
+@torch.library.custom_op("xent_triton::backward_inplace", mutates_args=("logits",))
+def xent_backward_inplace(
+    grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+    lse: Tensor, qsum: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    softcap: float, need_dlabels: bool,
+) -> Tensor:
+    """Like ``backward``, but dlogits is written over ``logits`` (the in-place memory mode).
 
-@torch.library.custom_op("xent_triton::forward_grad_inplace", mutates_args=("logits",))
-def xent_forward_grad_inplace(
-    logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
-    axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
-    loss_fp32: bool,
-) -> Tuple[Tensor, Tensor]:
+    Returns dlabels (an empty tensor unless ``need_dlabels``).
+    """
     rows = make_rows(logits, labels, target, weight, axis)
-    if rows.logits.data_ptr() != logits.data_ptr():
-        raise ValueError(
-            f"inplace_backward needs logits whose class axis has stride 1 and whose batch dims two strides "
-            f"describe; got shape {tuple(logits.shape)} with strides {logits.stride()} and axis {axis}")
-    loss, lse, _qsum = _impl(logits.device).forward(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, _loss_dtype(logits, loss_fp32),
-        grad_into=rows.logits)
-    return loss.view(rows.batch_shape), lse.view(rows.batch_shape)
+    check_inplace(rows, logits, axis)
+    _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, new_output)
+    _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+                                  lse_square_scale, softcap, rows.logits, dy)
+    return _as_grads(None, dy, logits, labels, axis)[1]
 
 
-@xent_forward_grad_inplace.register_fake
-def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap, loss_fp32):
-    shape = batch_shape(logits.shape, axis)
-    return (logits.new_empty(shape, dtype=_loss_dtype(logits, loss_fp32)),
-            logits.new_empty(shape, dtype=_stat_dtype(logits, labels)))
+@xent_backward_inplace.register_fake
+def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
+      softcap, need_dlabels):
+    def alloc(shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device)
 
-
-@torch.library.custom_op("xent_triton::scale_rows_", mutates_args=("dlogits",))
-def scale_rows_(dlogits: Tensor, grad: Tensor, axis: int) -> None:
-    rows = make_rows(dlogits, None, None, None, axis)
-    _impl(dlogits.device).scale_rows_(rows, rows.logits, grad)
-
-
-@scale_rows_.register_fake
-def _(dlogits, grad, axis):
-    return None
+    _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, alloc)
+    return _as_grads(None, dy, logits, labels, axis)[1]

@@ -6,8 +6,6 @@ precision inputs are accumulated in fp32, fp64 in fp64. Out-of-range class
 indices raise IndexError here (the kernels give that row NaN instead, to keep
 host syncs off the GPU path).
 """
-import dataclasses
-
 import torch
 
 from ._alloc import new_output
@@ -106,12 +104,11 @@ def _dlogits(x, th, q, lse, coef, g, active, softcap):
 
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
-            loss_dtype: torch.dtype, grad_into: torch.Tensor = None):
+            loss_dtype: torch.dtype):
     dev = rows.logits.device
     loss_out = new_output((rows.n_rows,), loss_dtype, dev)
     lse_out = new_output((rows.n_rows,), rows.acc, dev)
     qsum_out = new_output((rows.n_rows,), rows.acc, dev)
-    g3 = rows.as_3d(grad_into, rows.x_strides) if grad_into is not None else None
     for r0, r1, x_raw, y in _chunks(rows):
         x, th = _capped(x_raw.to(rows.acc), softcap)
         q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
@@ -129,38 +126,32 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
         loss_out[r0:r1] = loss
         lse_out[r0:r1] = lse
         qsum_out[r0:r1] = qsum
-        if g3 is not None:
-            coef = _grad_coef(lse, qsum, z_scale, active)
-            dx = _dlogits(x, th, q, lse, coef, torch.ones_like(lse), active, softcap)
-            _write_rows(g3, rows, r0, r1, dx)
     return loss_out, lse_out, qsum_out
 
 
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf):
+    """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
     g_all = grad.reshape(rows.n_rows).to(rows.acc)
-    dx2 = dx_buf.view(rows.n_rows, rows.n_cols) if dx_buf is not None else None
-    dy2 = dy_buf.view(rows.n_rows, rows.n_cols) if dy_buf is not None else None
+    contiguous = (rows.n_inner * rows.n_cols, rows.n_cols)
+    dx3 = None
+    if dx_buf is not None:
+        dx3 = rows.as_3d(dx_buf, rows.x_strides if dx_buf is rows.logits else contiguous)
+    dy3 = rows.as_3d(dy_buf, contiguous) if dy_buf is not None else None
     for r0, r1, x_raw, y in _chunks(rows):
+        # x may alias dx_buf: dlabels and dlogits are computed in full before dlogits is written.
         x, th = _capped(x_raw.to(rows.acc), softcap)
         g = g_all[r0:r1]
-        if dx2 is not None:
-            q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
-            if active is not None:
-                g = torch.where(active, g, 0.0)
-            coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, active)
-            dx2[r0:r1] = _dlogits(x, th, q, lse[r0:r1], coef, g, active, softcap)
-        if dy2 is not None:
+        if dy3 is not None:
             dy = g[:, None] * (lse[r0:r1, None] - x)
             if smoothing:
                 dy = dy * (1.0 - smoothing)
             if rows.weight is not None:
                 dy = dy * rows.weight.to(rows.acc)
-            dy2[r0:r1] = dy
-
-
-def scale_rows_(rows: Rows, dx: torch.Tensor, grad: torch.Tensor):
-    g_all = grad.reshape(rows.n_rows).to(rows.acc)
-    d3 = rows.as_3d(dx, rows.x_strides)
-    for r0, r1, chunk, _ in _chunks(dataclasses.replace(rows, logits=dx, labels=None)):
-        _write_rows(d3, rows, r0, r1, chunk.to(rows.acc) * g_all[r0:r1, None])
+            _write_rows(dy3, rows, r0, r1, dy)
+        if dx3 is not None:
+            q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
+            if active is not None:
+                g = torch.where(active, g, 0.0)
+            coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, active)
+            _write_rows(dx3, rows, r0, r1, _dlogits(x, th, q, lse[r0:r1], coef, g, active, softcap))

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from . import launch_config
 from ._alloc import new_output
-from .kernels import xent_backward_kernel, xent_combine_kernel, xent_forward_kernel, scale_rows_kernel
+from .kernels import xent_backward_kernel, xent_combine_kernel, xent_forward_kernel
 from .layout import Rows
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -40,12 +40,8 @@ def _target_args(rows: Rows):
 
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
-            loss_dtype: torch.dtype, grad_into: torch.Tensor = None):
-    """Per-row loss, lse and label mass sum(q).
-
-    With ``grad_into`` (a class-last tensor of the logits' layout, possibly the
-    logits themselves) the same launch also writes the unscaled dlogits there.
-    """
+            loss_dtype: torch.dtype):
+    """Per-row loss, lse and label mass sum(q)."""
     dev = rows.logits.device
     n, V = rows.n_rows, rows.n_cols
     loss = new_output((n,), loss_dtype, dev)
@@ -53,20 +49,18 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     qsum = new_output((n,), rows.acc, dev)
     if n == 0:
         return loss, lse, qsum
-    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev, fused_grad=grad_into is not None)
+    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev)
     flags = _flags(rows, smoothing, softcap)
     y = rows.labels if rows.labels is not None else rows.logits
     t, st_outer, st_inner = _target_args(rows)
     w = rows.weight if rows.weight is not None else rows.logits
     part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
-    dx = grad_into if grad_into is not None else rows.logits
-    dx_strides = rows.x_strides  # grad_into shares the logits' layout
     xent_forward_kernel[(n, cfg.split)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
-        loss, lse, qsum, part, dx, *dx_strides,
+        loss, lse, qsum, part,
         n, rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog,
         ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
-        HAS_Z=z_scale != 0.0, SPLIT=cfg.split, WRITE_GRAD=grad_into is not None,
+        HAS_Z=z_scale != 0.0, SPLIT=cfg.split,
         BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
     )
     if cfg.split > 1:
@@ -81,7 +75,11 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
 
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf):
-    """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (contiguous (*batch, V), or None)."""
+    """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None).
+
+    ``dx_buf`` is a contiguous (*batch, V) buffer or, in the in-place mode, the
+    class-last logits view itself; ``dy_buf`` is contiguous.
+    """
     n, V = rows.n_rows, rows.n_cols
     if n == 0:
         return
@@ -90,24 +88,21 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     y = rows.labels if rows.labels is not None else rows.logits
     t, st_outer, st_inner = _target_args(rows)
     w = rows.weight if rows.weight is not None else rows.logits
+    dx_strides = _row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)
     xent_backward_kernel[(n, cfg.split)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
         g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
-        dx_buf if dx_buf is not None else rows.logits, dy_buf if dy_buf is not None else rows.logits,
+        dx_buf if dx_buf is not None else rows.logits, *dx_strides,
+        dy_buf if dy_buf is not None else rows.logits,
         rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog, ignore_index,
-        *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0, NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None,
+        *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
+        NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None,
         BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
 
 
-def scale_rows_(rows: Rows, dx: torch.Tensor, grad: torch.Tensor):
-    """dx[row] *= grad[row] in place; dx has the logits' class-last layout."""
-    n, V = rows.n_rows, rows.n_cols
-    if n == 0:
-        return
-    cfg = launch_config.backward_launch(n, V, dx.element_size(), dx.device)
-    g = grad.reshape(n)
-    scale_rows_kernel[(n, cfg.split)](
-        dx, *rows.x_strides, g, g.stride(0) * rows.n_inner, g.stride(0), rows.n_inner, V, cfg.cols_per_prog,
-        BLOCK=cfg.block, ACC=_TL[rows.acc], num_warps=cfg.num_warps,
-    )
+def _row_strides(buf: torch.Tensor, rows: Rows):
+    """(outer, inner) strides of a gradient buffer: the logits' own for the in-place mode."""
+    if buf is rows.logits:
+        return rows.x_strides
+    return rows.n_inner * rows.n_cols, rows.n_cols
