@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.xent_triton.*)
 from . import validation as v
-from .functional import _autocast_on
+from .functional import _autocast_on, reduce_rows
 from .layout import acc_dtype, batch_shape
 
 __all__ = ["softmax_cross_entropy_with_logits", "cross_entropy", "reset_shard_cache"]
@@ -240,26 +240,10 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
         autocast). ``mean`` divides by the number of non-ignored rows, computed
         locally from ``target`` (no collective).
     """
-    v.check_logits(input, "input")
-    axis = 1 if input.dim() >= 2 else 0
-    hard = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
-    if hard:
-        v.check_index_target(target, input, axis)
-    else:
-        v.check_float("target", target)
-        if tuple(target.shape) != tuple(input.shape):
-            raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
-                             f"{tuple(input.shape)}")
+    axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target)
     v.check_options(reduction, label_smoothing, None)
     out_dtype = torch.float32 if _autocast_on(input) and input.dtype != torch.float64 else input.dtype
     loss = _per_row(input, None if hard else target, target if hard else None, axis, ignore_index,
                     label_smoothing, group)
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        if hard:
-            loss = loss.sum() / (target != ignore_index).sum().to(loss.dtype)
-        else:
-            loss = loss.mean()
-    return loss.to(out_dtype)
+    return reduce_rows(loss, reduction, target if hard else None, ignore_index).to(out_dtype)

@@ -104,19 +104,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     Class indices outside ``[0, C)`` (other than ``ignore_index``) give NaN for their row
     on the Triton path and raise IndexError on the torch fallback.
     """
-    v.check_logits(input, "input")
-    axis = 1 if input.dim() >= 2 else 0
-    hard = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
-    if hard:
-        v.check_index_target(target, input, axis)
-    else:
-        v.check_float("target", target)
-        if tuple(target.shape) != tuple(input.shape):
-            raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
-                             f"{tuple(input.shape)}")
-        if ignore_index != -100:
-            # torch raises the same error (RuntimeError) for probability targets.
-            raise RuntimeError(f"ignore_index is not supported for floating point target (got {ignore_index})")
+    axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target, weight=weight)
     v.check_classes(input, axis, "input")
     C = input.shape[axis]
@@ -129,19 +117,27 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     loss_fp32 = autocast or reduction != "none"
     loss, lse = _per_row(input, None if hard else target, target if hard else None, weight, axis, ignore_index,
                          label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward)
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        if hard:
-            active = target != ignore_index
-            if weight is None:
-                denom = active.sum()
-            else:
-                # Clamp only to gather safely; out-of-range rows are already NaN.
-                w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
-                denom = (w_t * active).sum()
-            loss = loss.sum() / denom.to(loss.dtype)
-        else:
-            loss = loss.mean()
+    loss = reduce_rows(loss, reduction, target if hard else None, ignore_index, weight)
     loss = loss.to(out_dtype)
     return (loss, lse.detach()) if return_lse else loss
+
+
+def reduce_rows(loss, reduction, target=None, ignore_index=-100, weight=None):
+    """torch's reductions of a per-row loss. ``mean`` divides by the sum of
+    ``weight[target]`` over non-ignored rows for class indices (their count
+    without weights), by the number of rows for probabilities. No host sync."""
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    if target is None:
+        return loss.mean()
+    active = target != ignore_index
+    if weight is None:
+        denom = active.sum()
+    else:
+        # Clamp only to gather safely; out-of-range rows are already NaN.
+        C = weight.shape[0]
+        w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
+        denom = (w_t * active).sum()
+    return loss.sum() / denom.to(loss.dtype)

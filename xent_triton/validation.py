@@ -97,3 +97,21 @@ def check_options(reduction, label_smoothing, softcap):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if softcap is not None and not float(softcap) > 0.0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+
+
+def check_cross_entropy_target(input, target, ignore_index):
+    """torch's layout rules for cross_entropy: returns (class axis, whether target holds class indices)."""
+    check_logits(input, "input")
+    axis = 1 if input.dim() >= 2 else 0
+    hard = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
+    if hard:
+        check_index_target(target, input, axis)
+        return axis, hard
+    check_float("target", target)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
+                         f"{tuple(input.shape)}")
+    if ignore_index != -100:
+        # torch raises the same error (RuntimeError) for probability targets.
+        raise RuntimeError(f"ignore_index is not supported for floating point target (got {ignore_index})")
+    return axis, hard
