@@ -85,8 +85,12 @@ if [ "$RUN_TESTS" = 1 ]; then
   if ! compgen -G "tests/*.py" > /dev/null && ! compgen -G "tests/**/*.py" > /dev/null; then
     say "WARNING: tests/ holds no .py files"
   fi
+  # Each feature/dtype combination is a separate Triton compile: spread them over processes when
+  # pytest-xdist is there (the device image has it), so the suite fits the time limit.
+  XDIST=()
+  if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${PYTEST_WORKERS:-8}"); fi
   timeout -k 10 "${PYTEST_TIMEOUT_S:-240}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m pytest -x -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log"
+    python3 -m pytest -x -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests 2>&1 | tee "$OUT/pytest.log"
   TEST_RC=${PIPESTATUS[0]}
   case "$TEST_RC" in
     0) say "pytest: passed" ;;

@@ -65,25 +65,53 @@ def _row_target(rows: Rows, r0, r1, ignore_index, smoothing):
     return local, active, tw * here
 
 
-def _target_mass(rows: Rows, y, r0, r1, ignore_index, smoothing, x_shape):
-    """q for rows [r0, r1), and the row activity mask (None for soft labels)."""
-    acc = rows.acc
-    w = rows.weight.to(acc) if rows.weight is not None else None
-    eps_per_class = smoothing / rows.n_classes
-    if rows.target is None:
-        q = y.to(acc)
+class _Target:
+    """The target mass q of rows [r0, r1) (see kernels/row_math.py), without building a
+    one-hot matrix for class indices."""
+
+    def __init__(self, rows: Rows, y, r0, r1, ignore_index, smoothing):
+        acc = rows.acc
+        self.w = rows.weight.to(acc) if rows.weight is not None else None
+        self.eps = smoothing / rows.n_classes  # smoothing mass per class
+        self.hard = rows.target is not None
+        self.active = None
+        if not self.hard:
+            q = y.to(acc)
+            if smoothing:
+                q = q * (1.0 - smoothing) + self.eps
+            self.q = q * self.w if self.w is not None else q
+            return
+        self.t, self.active, self.tw = _row_target(rows, r0, r1, ignore_index, smoothing)
+        # The smoothing mass of a class: eps * w_c on active rows.
+        self.smooth = None
         if smoothing:
-            q = q * (1.0 - smoothing) + eps_per_class
-        if w is not None:
-            q = q * w
-        return q, None
-    t, active, tw = _row_target(rows, r0, r1, ignore_index, smoothing)
-    q = torch.zeros(x_shape, dtype=acc, device=rows.logits.device)
-    if smoothing:
-        q += eps_per_class * (w if w is not None else 1.0)
-        q *= active[:, None]
-    q.scatter_add_(1, t[:, None], tw[:, None])
-    return q, active
+            self.smooth = self.eps * (self.w if self.w is not None else torch.ones(rows.n_cols, dtype=acc,
+                                                                                   device=self.tw.device))
+
+    def sums(self, x_rel):
+        """(sum(q * x_rel), sum(q), count of nonzero q) per row; x_rel = x - max."""
+        if not self.hard:
+            q = self.q
+            return torch.where(q != 0, q * x_rel, 0.0).sum(1), q.sum(1), (q != 0).sum(1)
+        x_t = x_rel.gather(1, self.t[:, None])[:, 0]
+        d = torch.where(self.tw != 0, self.tw * x_t, 0.0)
+        qsum, nnz = self.tw.clone(), (self.tw != 0).long()
+        if self.smooth is not None:
+            on = self.active.to(x_rel.dtype)
+            d = d + on * torch.where(self.smooth != 0, self.smooth * x_rel, 0.0).sum(1)
+            qsum = qsum + on * self.smooth.sum()
+            nnz = nnz + self.active.long() * int((self.smooth != 0).sum())
+        return d, qsum, nnz
+
+    def subtract_from(self, dx, g):
+        """dx -= g * q, in place."""
+        if not self.hard:
+            dx -= g[:, None] * self.q
+            return dx
+        dx.scatter_add_(1, self.t[:, None], -(g * self.tw)[:, None])
+        if self.smooth is not None:
+            dx -= (g * self.active)[:, None] * self.smooth
+        return dx
 
 
 def _grad_coef(lse, qsum, z_scale, active):
@@ -92,14 +120,14 @@ def _grad_coef(lse, qsum, z_scale, active):
     return torch.where(active, coef, 0.0) if active is not None else coef
 
 
-def _dlogits(x, th, q, lse, coef, g, active, softcap):
+def _dlogits(x, th, target: _Target, lse, coef, g, softcap):
     # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
     p = torch.where(x == float("-inf"), 0.0, torch.exp(x - lse[:, None]))
-    dx = g[:, None] * (p * coef[:, None] - q)
+    dx = target.subtract_from(g[:, None] * p * coef[:, None], g)
     if softcap:
         dx = dx * (1.0 - th * th)
-    if active is not None:
-        dx = torch.where(active[:, None], dx, 0.0)
+    if target.active is not None:
+        dx = torch.where(target.active[:, None], dx, 0.0)
     return dx
 
 
@@ -110,19 +138,19 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     lse_out = new_output((rows.n_rows,), rows.acc, dev)
     qsum_out = new_output((rows.n_rows,), rows.acc, dev)
     for r0, r1, x_raw, y in _chunks(rows):
-        x, th = _capped(x_raw.to(rows.acc), softcap)
-        q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
+        x, _ = _capped(x_raw.to(rows.acc), softcap)
+        target = _Target(rows, y, r0, r1, ignore_index, smoothing)
         m = x.amax(dim=1)
         m = torch.where(m == float("-inf"), 0.0, m)
-        log_s = torch.log(torch.exp(x - m[:, None]).sum(dim=1))
+        x_rel = x - m[:, None]
+        log_s = torch.log(torch.exp(x_rel).sum(dim=1))
         lse = m + log_s
         # sum(q * (lse - x)) relative to the max: no cancellation for huge logits.
-        d = torch.where(q != 0, q * (x - m[:, None]), 0.0).sum(dim=1)
-        qsum = q.sum(dim=1)
+        d, qsum, nnz = target.sums(x_rel)
         loss = log_s * qsum - d + z_scale * lse * lse
-        loss = torch.where((lse == float("-inf")) & ((q != 0).sum(dim=1) == 0), 0.0, loss)
-        if active is not None:
-            loss, lse, qsum = (torch.where(active, v, 0.0) for v in (loss, lse, qsum))
+        loss = torch.where((lse == float("-inf")) & (nnz == 0), 0.0, loss)
+        if target.active is not None:
+            loss, lse, qsum = (torch.where(target.active, v, 0.0) for v in (loss, lse, qsum))
         loss_out[r0:r1] = loss
         lse_out[r0:r1] = lse
         qsum_out[r0:r1] = qsum
@@ -150,8 +178,8 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
                 dy = dy * rows.weight.to(rows.acc)
             _write_rows(dy3, rows, r0, r1, dy)
         if dx3 is not None:
-            q, active = _target_mass(rows, y, r0, r1, ignore_index, smoothing, x.shape)
-            if active is not None:
-                g = torch.where(active, g, 0.0)
-            coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, active)
-            _write_rows(dx3, rows, r0, r1, _dlogits(x, th, q, lse[r0:r1], coef, g, active, softcap))
+            target = _Target(rows, y, r0, r1, ignore_index, smoothing)
+            if target.active is not None:
+                g = torch.where(target.active, g, 0.0)
+            coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, target.active)
+            _write_rows(dx3, rows, r0, r1, _dlogits(x, th, target, lse[r0:r1], coef, g, softcap))
