@@ -5,6 +5,8 @@
 #   bash perf/gpu_check.sh --full       # tests + the default sweep (the sweep alone takes < 8 min: add --no-tests
 #                                       # to fit one 600 s call)
 #   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
+#   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~4 min) instead of
+#                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 240), SWEEP_TIMEOUT_S (default 230 quick / 520 full),
@@ -20,12 +22,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
 
-FULL=0; RUN_TESTS=1; RUN_SWEEP=1
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0
 for a in "$@"; do
   case "$a" in
     --full) FULL=1 ;;
     --no-tests) RUN_TESTS=0 ;;
     --no-sweep) RUN_SWEEP=0 ;;
+    --tune) TUNE=1; RUN_SWEEP=0 ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
   esac
@@ -98,6 +101,14 @@ if [ "$RUN_TESTS" = 1 ]; then
     124|137) say "pytest: TIMED OUT after ${PYTEST_TIMEOUT_S:-240}s (rc $TEST_RC)" ;;
     *) say "pytest: FAILED (rc $TEST_RC)" ;;
   esac
+fi
+
+# ---------------------------------------------------------------- (d') tile tuning (instead of the sweep)
+if [ "$TUNE" = 1 ]; then
+  say "python3 -m perf.tune_tiles --out $OUT"
+  timeout -k 30 "${TUNE_TIMEOUT_S:-330}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m perf.tune_tiles --out "$OUT" 2>&1 | tee "$OUT/tune.log"
+  say "tune: rc ${PIPESTATUS[0]}"
 fi
 
 # ---------------------------------------------------------------- (d) sweep

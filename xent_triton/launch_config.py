@@ -4,10 +4,15 @@ No autotuning happens at the first call (it would time kernels inside a
 user's step and break CUDA graph capture). The block sizes come from the
 H100/H200 measurements in ../shared/ANCHORS.md: the naive one-row-per-program
 forward ran at 91-100% of copy bandwidth with 1024-2048 element blocks and 8-16
-warps, and at 4% with 16384/4 (register spills). Re-measure with perf/sweep.py
-before changing them.
+warps, and at 4% with 16384/4 (register spills).
+
+A measured table overrides that heuristic: ``perf/tune_tiles.py`` times every
+(BLOCK, num_warps) candidate on a GPU and writes ``tiles.json`` beside this
+file, which is then read once, at the first launch.
 """
 import functools
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +26,8 @@ _MAX_SPLIT = 64
 _INTERPRETER_SMS = 4
 
 FORCE_SPLIT = None  # tests only: force the forward split factor
+FORCE_TILE = None  # perf/tune_tiles.py only: (block, num_warps) for every launch
+TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
 
 
 @dataclass(frozen=True)
@@ -38,14 +45,34 @@ def _sm_count(device_type: str, index) -> int:
     return _INTERPRETER_SMS
 
 
-def _block(n_cols: int, itemsize: int) -> int:
+@functools.lru_cache(maxsize=None)
+def measured_tiles():
+    """The tuned table, {pass: {itemsize: [[max_cols, block, num_warps], ...]}}, or {}.
+
+    Rows are sorted by max_cols; a problem uses the first row whose max_cols >= V.
+    """
+    if not os.path.isfile(TILES_FILE):
+        return {}
+    with open(TILES_FILE) as f:
+        table = json.load(f)["tiles"]
+    return {p: {int(k): sorted(v) for k, v in by_size.items()} for p, by_size in table.items()}
+
+
+def _tile(pass_name: str, n_cols: int, itemsize: int):
+    """(BLOCK, num_warps): forced, measured, or the anchors' heuristic."""
+    if FORCE_TILE is not None:
+        return FORCE_TILE
+    p2 = triton.next_power_of_2(max(n_cols, 1))
+    for max_cols, block, warps in measured_tiles().get(pass_name, {}).get(itemsize, []):
+        if n_cols <= max_cols:
+            return min(block, p2), warps if block <= p2 else max(1, min(warps, p2 // 128))
     cap = {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512)
-    return min(triton.next_power_of_2(max(n_cols, 1)), cap)
+    block = min(p2, cap)
+    return block, max(1, min(16, block // 128))
 
 
-def _launch(n_rows, n_cols, itemsize, device, split=None) -> Launch:
-    block = _block(n_cols, itemsize)
-    num_warps = max(1, min(16, block // 128))
+def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
+    block, num_warps = _tile(pass_name, n_cols, itemsize)
     if split is None:
         want = _PROGRAMS_PER_SM * _sm_count(device.type, device.index)
         split = 1
@@ -58,9 +85,9 @@ def _launch(n_rows, n_cols, itemsize, device, split=None) -> Launch:
 
 
 def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
-    return _launch(n_rows, n_cols, itemsize, device, split=FORCE_SPLIT)
+    return _launch("forward", n_rows, n_cols, itemsize, device, split=FORCE_SPLIT)
 
 
 def backward_launch(n_rows, n_cols, itemsize, device) -> Launch:
     # The backward needs no reduction, so a row splits freely.
-    return _launch(n_rows, n_cols, itemsize, device)
+    return _launch("backward", n_rows, n_cols, itemsize, device)
