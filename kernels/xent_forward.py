@@ -36,7 +36,10 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
         bmax = tl.max(x, axis=0)
         m_new = tl.where(s == 0, bmax, tl.maximum(m, bmax))
         m_new = tl.where(m_new == float("-inf"), m, m_new)
-        shift = m - m_new
+        # Nothing accumulated yet (s == 0): no rescale. exp(m - m_new) could be
+        # inf for a very negative first max, and 0 * inf is NaN; d is then 0 or
+        # -inf (label mass on -inf logits), which a shift leaves as it is.
+        shift = tl.where(s == 0, 0.0, m - m_new)
         s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new), axis=0)
         # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
         d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
@@ -132,9 +135,10 @@ def xent_combine_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(s_part != 0, s_part * tl.exp(m_part - m), s_part), axis=0)
     # Re-base each part's d from its own max to the row's: d_k + qsum_k (m_k - m).
+    # A part with nothing finite (s_k == 0) has d_k = 0 or -inf and no max to re-base.
     q_part = tl.load(PART + 3 * stride + base, mask=kmask, other=0.0)
     d_part = tl.load(PART + 2 * stride + base, mask=kmask, other=0.0)
-    d = tl.sum(tl.where(q_part != 0, d_part + q_part * (m_part - m), d_part), axis=0)
+    d = tl.sum(tl.where((q_part != 0) & (s_part != 0), d_part + q_part * (m_part - m), d_part), axis=0)
     qsum = tl.sum(q_part, axis=0)
     nnz = tl.sum(tl.load(PART + 4 * stride + base, mask=kmask, other=0.0), axis=0)
     loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)

@@ -110,3 +110,27 @@ def test_large_vocab_small_batch_exactness(backend, device):
     (g,) = torch.autograd.grad(out, x)
     (r,) = torch.autograd.grad(ref, x64)
     close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_very_negative_finite_rows(backend, device, split, monkeypatch):
+    """A first max below -88 (fp32 exp underflow range) must not turn into 0 * inf."""
+    from xent_triton import launch_config
+
+    monkeypatch.setattr(launch_config, "FORCE_SPLIT", split)
+    x = torch.randn(3, 4096, device=device) - 100.0
+    x[1, :2048] = torch.finfo(torch.float32).min  # a masked vocabulary half, masked with a finite value
+    x[2, :3000] = float("-inf")
+    x[2, 3000:] -= 1e4
+    t = torch.tensor([5, 3000, 3500], device=device)
+    y = rand_probs((3, 4096), torch.float32, device).masked_fill(x == float("-inf"), 0)
+    x.requires_grad_()
+    out = xent_triton.cross_entropy(x, t, reduction="none")
+    close(out, F.cross_entropy(x.detach().double(), t, reduction="none"), rtol=1e-5, atol=1e-5)
+    soft = sce(y, x)
+    close(soft, ref_soft(y, x.detach()), rtol=1e-5, atol=1e-3)
+    (g,) = torch.autograd.grad(out.sum() + soft.sum(), x)
+    assert torch.isfinite(g).all()
+    x64 = torch.tensor([[-800.0, -801.0, -803.0]], dtype=torch.float64, device=device)
+    close(xent_triton.cross_entropy(x64, torch.tensor([1], device=device)),
+          F.cross_entropy(x64, torch.tensor([1], device=device)), rtol=1e-10, atol=1e-10)

@@ -66,6 +66,38 @@ def test_inplace_writes_gradient_into_logits_storage(backend, device):
     close(h.grad, 2.0 * (p - F.one_hot(t, 20)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("view", ["reshape", "slice"])
+def test_inplace_on_views(backend, device, view):
+    """logits.view(-1, V) and logits[:, 1:] are the common call sites (README)."""
+    h0 = torch.randn(2, 5, 8, dtype=torch.float64, device=device)
+    w = torch.randn(8, 30, dtype=torch.float64, device=device)
+    y = rand_probs((2, 4, 30), torch.float64, device)
+    grads = []
+    for inplace in (False, True):
+        h = h0.clone().requires_grad_()
+        logits = h @ w
+        if view == "reshape":
+            loss = xent_triton.CrossEntropyLoss(inplace_backward=inplace)(
+                logits.view(-1, 30), torch.arange(10, device=device) % 30)
+        else:
+            loss = xent_triton.softmax_cross_entropy_with_logits(y, logits[:, 1:], inplace_backward=inplace).sum()
+        loss.backward()
+        grads.append((loss.detach(), h.grad))
+    close(grads[1][0], grads[0][0], **F64)
+    close(grads[1][1], grads[0][1], **F64)
+
+
+def test_later_use_of_overwritten_logits_raises(backend, device):
+    """An op that saved the logits after the loss must not read the gradient written over them."""
+    h = torch.randn(3, 10, device=device, requires_grad=True)
+    logits = h * 1.0
+    loss = xent_triton.cross_entropy(logits, torch.tensor([1, 2, 3], device=device), inplace_backward=True)
+    later = (logits * logits).sum()  # saves logits
+    loss.backward()  # overwrites them (and bumps their version again)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        later.backward()
+
+
 def test_upstream_that_saved_logits_raises(backend, device):
     """Liger #272 / Megatron-LM #1627: the version counter turns silent corruption into an error."""
     h = torch.randn(4, 20, device=device, requires_grad=True)
@@ -117,8 +149,9 @@ def test_inplace_needs_logits_it_can_write(backend, device):
 
 def test_inplace_leaf_gets_torch_error(backend, device):
     leaf = torch.randn(3, 10, device=device, requires_grad=True)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        xent_triton.cross_entropy(leaf, torch.tensor([1, 2, 3], device=device), inplace_backward=True)
+    for logits in (leaf, leaf.view(3, 10)):
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            xent_triton.cross_entropy(logits, torch.tensor([1, 2, 3], device=device), inplace_backward=True)
 
 
 def test_module_inplace(backend, device):

@@ -217,3 +217,15 @@ def test_hard_forward_reads_no_label_matrix(backend, device):
     t = torch.randint(0, 100, (8,), device=device)
     rows = make_rows(x, None, t, None, 1)
     assert rows.labels is None and rows.target.numel() == 8
+
+
+def test_strided_class_index_target(backend, device):
+    """Targets are read through their stride (a column of a wider index tensor)."""
+    x = rand_logits((6, C), torch.float64, device)
+    wide = torch.randint(0, C, (6, 3), device=device)
+    t = wide[:, 1]
+    assert t.stride(0) == 3
+    compare(x, t, reduction="none")
+    compare(x, t, label_smoothing=0.2, weight=torch.rand(C, dtype=torch.float64, device=device))
+    x3 = rand_logits((2, C, 4), torch.float64, device)
+    compare(x3, torch.randint(0, C, (2, 4, 2), device=device)[..., 0])

@@ -255,3 +255,36 @@ def test_split_rows_match_single_program(backend, device, split, monkeypatch):
     many = sce(labels, logits)
     close(many, one, rtol=1e-6, atol=1e-6)
     close(many, ref_soft(labels, logits), rtol=1e-5, atol=1e-5)
+
+
+def test_broadcast_labels_stay_broadcast_when_logits_need_a_copy(backend, device):
+    from xent_triton.layout import make_rows
+
+    logits = rand_logits((2, 3, 4, 6), torch.float32, device, requires_grad=False)[:, :, ::2]
+    labels = rand_probs((6,), torch.float32, device)
+    rows = make_rows(logits, labels, None, None, 3)
+    assert rows.labels.data_ptr() == labels.data_ptr()  # read with stride 0, not materialized
+    check_soft(labels.requires_grad_(), logits.requires_grad_(), -1)
+
+
+def test_public_function_negative_axis_and_autocast(backend, device):
+    fn = xent_triton.SoftmaxCrossEntropyFunction
+    logits = rand_logits((3, 4, 5), torch.float64, device)
+    labels = rand_probs((3, 4, 5), torch.float64, device, axis=1, requires_grad=True)
+    out = fn.apply(labels, logits, -2)
+    close(out, ref_soft(labels.detach(), logits.detach(), 1), rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    assert logits.grad.shape == logits.shape and labels.grad.shape == labels.shape
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        half = fn.apply(labels.detach().float(), logits.detach().bfloat16(), -1)
+    assert half.dtype == torch.float32
+
+
+def test_broadcast_dlabels_summed_before_rounding(backend, device):
+    logits = rand_logits((64, 50), torch.float32, device)
+    labels = rand_probs((1, 50), torch.bfloat16, device, requires_grad=True)
+    sce(labels, logits).sum().backward()
+    x = logits.detach().double()
+    ref = (torch.logsumexp(x, -1, keepdim=True) - x).sum(0, keepdim=True)
+    assert labels.grad.dtype == torch.bfloat16
+    close(labels.grad, ref.to(torch.bfloat16), rtol=0, atol=0.5)  # one bf16 rounding of a sum of ~500

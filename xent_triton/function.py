@@ -11,13 +11,15 @@ import torch
 class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
     """``loss = SoftmaxCrossEntropyWithLogits.apply(labels, logits, axis)``.
 
-    Inputs are assumed validated (see :func:`xent_triton.softmax_cross_entropy_with_logits`)
-    and ``axis`` non-negative.
+    Inputs are assumed validated (see :func:`xent_triton.softmax_cross_entropy_with_logits`);
+    ``axis`` may be negative. Under autocast the loss is float32, as in the functional API.
     """
 
     @staticmethod
     def forward(ctx, labels, logits, axis):
-        loss, lse, qsum = torch.ops.xent_triton.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, False)
+        axis = axis % logits.dim()
+        fp32 = torch.is_autocast_enabled(logits.device.type)
+        loss, lse, qsum = torch.ops.xent_triton.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, fp32)
         ctx.save_for_backward(labels, logits, lse, qsum)
         ctx.axis = axis
         return loss
@@ -37,10 +39,12 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
     """Cross entropy whose backward writes dlogits over the logits' storage.
 
     A training step then needs O(rows) extra memory instead of a dlogits tensor,
-    and moves the same bytes as the default path. The forward marks the logits
-    dirty: that bumps their version counter now, so an upstream op that saved
-    the logits for its own backward raises autograd's in-place error instead of
-    later reading gradients in place of logits (Liger #272, Megatron-LM #1627).
+    and moves the same bytes as the default path. The forward bumps the logits'
+    version counter at once, so an upstream op that saved the logits (or the
+    tensor they view) for its own backward raises autograd's in-place error
+    instead of later reading gradients in place of logits (Liger #272,
+    Megatron-LM #1627). ``mark_dirty`` is not used: it forbids returning more
+    than one output when the logits are a view (``logits.view(-1, V)``).
     """
 
     @staticmethod
@@ -49,26 +53,22 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
         loss, lse, qsum = torch.ops.xent_triton.forward(
             logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32)
-        ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, labels, target, weight, lse, qsum)
+        ctx.save_for_backward(labels, target, weight, lse, qsum)
+        # Held directly, not saved: saving would make our own backward trip on the version bump below.
+        ctx.logits = logits
+        torch.autograd.graph.increment_version(logits)
         ctx.params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
-        ctx.consumed = False
-        return loss, lse, logits
+        return loss, lse
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, grad_logits):
-        if grad_logits is not None:
-            raise RuntimeError("inplace_backward: the logits are overwritten by their gradient in the backward "
-                               "pass, so they cannot be used after the loss")
-        if ctx.consumed:
+    def backward(ctx, grad_loss, _grad_lse):
+        logits = ctx.logits
+        if logits is None:
             raise RuntimeError("inplace_backward: the logits were already overwritten by an earlier backward "
                                "(retain_graph=True is not supported in this mode)")
-        ctx.consumed = True
-        logits, labels, target, weight, lse, qsum = ctx.saved_tensors
-        if grad_loss is None:
-            return (None,) * 10
+        ctx.logits = None
+        labels, target, weight, lse, qsum = ctx.saved_tensors
         need_dy = ctx.needs_input_grad[1]
         dlabels = torch.ops.xent_triton.backward_inplace(
             grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dy)

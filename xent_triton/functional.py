@@ -19,9 +19,13 @@ def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing
     args = (logits, labels, target, weight, axis, int(ignore_index), float(label_smoothing),
             float(lse_square_scale), float(softcap or 0.0), loss_fp32)
     if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
+        base = logits._base if logits._base is not None else logits
+        if base.is_leaf:
+            # torch's own rule for in-place ops: the gradient would overwrite a leaf's values.
+            raise RuntimeError("inplace_backward: a leaf Variable that requires grad (or a view of one) cannot "
+                               "hold its own gradient; pass the output of an op, e.g. the lm head's logits")
         check_inplace(make_rows(logits, labels, target, weight, axis), logits, axis)
-        loss, lse, _ = InplaceGradCrossEntropy.apply(*args)
-        return loss, lse
+        return InplaceGradCrossEntropy.apply(*args)
     loss, lse, _qsum = torch.ops.xent_triton.forward(*args)
     return loss, lse
 

@@ -2,7 +2,7 @@
 
 No autotuning happens at the first call (it would time kernels inside a
 user's step and break CUDA graph capture). The block sizes come from the
-H100/H200 measurements in ../shared/ANCHORS.md: the naive one-row-per-program
+H100/H200 anchor measurements summarized in perf/NOTES.md: the naive one-row-per-program
 forward ran at 91-100% of copy bandwidth with 1024-2048 element blocks and 8-16
 warps, and at 4% with 16384/4 (register spills).
 

@@ -5,7 +5,8 @@ are indexed by (outer, inner) with one stride each, which covers contiguous
 tensors and the common strided views (``logits[:, :-1]``, sliced batches)
 without a copy. Two cases are copied, once, and documented in the README:
 a class axis whose stride is not 1 (e.g. ``axis=1`` of an (N, C, L) tensor),
-and batch dimensions that no two strides can describe.
+and batch dimensions that no two strides can describe (only the tensor that
+needs it is copied).
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -94,10 +95,15 @@ def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, 
     views = [x] if y is None else [x, y]
     plan = _two_strides(bshape, views) if n_rows else (1, [(0, 0)] * len(views))
     if plan is None:
-        views = [v.contiguous() for v in views]
-        plan = _two_strides(bshape, views)
-        x = views[0]
-        y = views[1] if y is not None else None
+        # Copy as little as possible: the logits, else the labels, else both.
+        options = [(True,)] if len(views) == 1 else [(True, False), (False, True), (True, True)]
+        for copy in options:
+            tried = [v.contiguous() if c else v for v, c in zip(views, copy)]
+            plan = _two_strides(bshape, tried)
+            if plan is not None:
+                break
+        x = tried[0]
+        y = tried[1] if y is not None else None
     n_inner, strides = plan
     if target is not None:
         target = target.reshape(n_rows)

@@ -58,10 +58,17 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
 
 
 def _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, alloc):
-    """Class-last contiguous buffers (or empty placeholders) for dlogits and dlabels."""
+    """Class-last contiguous buffers (or None) for dlogits and dlabels.
+
+    Broadcast labels get an fp32/fp64 buffer: it is summed over the broadcast axes
+    and rounded to the labels' dtype once, after the sum.
+    """
     shape = grad_buffer_shape(logits.shape, axis)
     dx = alloc(shape, logits.dtype, logits.device) if need_dlogits else None
-    dy = alloc(shape, labels.dtype, logits.device) if need_dlabels else None
+    dy = None
+    if need_dlabels:
+        broadcast = tuple(labels.shape) != tuple(logits.shape)
+        dy = alloc(shape, _stat_dtype(logits, labels) if broadcast else labels.dtype, logits.device)
     return dx, dy
 
 
@@ -73,7 +80,7 @@ def _as_grads(dx, dy, logits, labels, axis):
         return dlogits, empty
     dlabels = dy.movedim(-1, axis)
     if tuple(labels.shape) != tuple(logits.shape):
-        dlabels = dlabels.sum_to_size(labels.shape)
+        dlabels = dlabels.sum_to_size(labels.shape).to(labels.dtype)
     return dlogits, dlabels
 
 

@@ -34,9 +34,12 @@ def _flags(rows: Rows, smoothing: float, softcap: float):
 
 
 def _target_args(rows: Rows):
-    # Unused pointers are given the logits: constexpr flags compile their loads out.
-    t = rows.target if rows.target is not None else rows.logits
-    return t, rows.n_inner, 1
+    """Class-index pointer and its (outer, inner) strides; rows.target is 1-D but may be strided."""
+    if rows.target is None:
+        # Unused pointers are given the logits: constexpr flags compile their loads out.
+        return rows.logits, 0, 0
+    s = rows.target.stride(0)
+    return rows.target, s * rows.n_inner, s
 
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
