@@ -235,7 +235,6 @@ def copy_bandwidth(timer: Timer, device: torch.device) -> float:
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -55,39 +55,41 @@ def main(argv=None):
     print(f"{gpu}: copy {copy:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}", flush=True)
     table = {"forward": {}, "backward": {}}
     lines = ["| dtype | V | pass | best tile | ms | % of copy | worst tile | worst % |", "|---|---|---|---|---|---|---|---|"]
-    for name, dtype in dtypes.items():
+    def time_point(name, dtype, V):
+        """Every candidate tile of both passes at one (dtype, V); tensors are freed on return."""
         b = torch.tensor([], dtype=dtype).element_size()
+        N = max(1024, TARGET_BYTES // (V * b))
+        x = torch.randn(N, V, device="cuda", dtype=dtype) * 2
+        y = torch.softmax(torch.randn(N, V, device="cuda"), -1).to(dtype)
+        loss, lse, qsum = torch.ops.xent_triton.forward(x, y, None, None, 1, -100, 0.0, 0.0, 0.0, False)
+        g = torch.ones_like(loss)
+        passes = {
+            "forward": (lambda: xent_triton.softmax_cross_entropy_with_logits(y, x), 2 * N * V * b),
+            "backward": (lambda: torch.ops.xent_triton.backward(
+                g, x, y, None, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True, False), 3 * N * V * b),
+        }
+        for pass_name, (fn, nbytes) in passes.items():
+            timings = []
+            for tile in CANDIDATES:
+                lc.FORCE_TILE = tile
+                try:
+                    with torch.no_grad():
+                        timings.append((do_bench(fn), tile))
+                except Exception as e:  # a tile that does not compile or runs out of resources
+                    print(f"  {name} V={V} {pass_name} {tile}: {type(e).__name__}: {e}", flush=True)
+                finally:
+                    lc.FORCE_TILE = None
+            timings.sort()
+            (ms, best), (worst_ms, worst) = timings[0], timings[-1]
+            pct, worst_pct = (nbytes / t / 1e6 / copy * 100 for t in (ms, worst_ms))
+            print(f"{name} V={V:>6} N={N:>6} {pass_name:>8}: best {best} {ms:.3f} ms ({pct:.0f}% of copy); "
+                  f"worst {worst} ({worst_pct:.0f}%)", flush=True)
+            lines.append(f"| {name} | {V} | {pass_name} | {best} | {ms:.3f} | {pct:.0f} | {worst} | {worst_pct:.0f} |")
+            table[pass_name].setdefault(str(b), []).append([V, best[0], best[1]])
+
+    for name, dtype in dtypes.items():
         for V in vs:
-            N = max(1024, TARGET_BYTES // (V * b))
-            x = torch.randn(N, V, device="cuda", dtype=dtype) * 2
-            y = torch.softmax(torch.randn(N, V, device="cuda"), -1).to(dtype)
-            loss, lse, qsum = torch.ops.xent_triton.forward(x, y, None, None, 1, -100, 0.0, 0.0, 0.0, False)
-            g = torch.ones_like(loss)
-            passes = {
-                "forward": (lambda: xent_triton.softmax_cross_entropy_with_logits(y, x), 2 * N * V * b),
-                "backward": (lambda: torch.ops.xent_triton.backward(
-                    g, x, y, None, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True, False), 3 * N * V * b),
-            }
-            for pass_name, (fn, nbytes) in passes.items():
-                timings = []
-                for tile in CANDIDATES:
-                    lc.FORCE_TILE = tile
-                    try:
-                        with torch.no_grad():
-                            timings.append((do_bench(fn), tile))
-                    except Exception as e:  # a tile that does not compile or runs out of resources
-                        print(f"  {name} V={V} {pass_name} {tile}: {type(e).__name__}: {e}", flush=True)
-                    finally:
-                        lc.FORCE_TILE = None
-                timings.sort()
-                (ms, best), (worst_ms, worst) = timings[0], timings[-1]
-                pct = nbytes / ms / 1e6 / copy * 100
-                print(f"{name} V={V:>6} N={N:>6} {pass_name:>8}: best {best} {ms:.3f} ms ({pct:.0f}% of copy); "
-                      f"worst {worst} ({nbytes / worst_ms / 1e6 / copy * 100:.0f}%)", flush=True)
-                lines.append(f"| {name} | {V} | {pass_name} | {best} | {ms:.3f} | {pct:.0f} | {worst} | "
-                             f"{nbytes / worst_ms / 1e6 / copy * 100:.0f} |")
-                table[pass_name].setdefault(str(b), []).append([V, best[0], best[1]])
-            del x, y, loss, lse, qsum, g
+            time_point(name, dtype, V)
             torch.cuda.empty_cache()
     # Each measured V covers the classes up to the next measured V; the last one covers everything above.
     for by_size in table.values():

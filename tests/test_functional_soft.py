@@ -1,5 +1,4 @@
 """softmax_cross_entropy_with_logits: TF semantics on every backend, against float64."""
-import itertools
 import math
 
 import pytest

@@ -10,7 +10,6 @@ logit scale in low precision.
 import math
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings

@@ -33,7 +33,7 @@ sizes; every later forward does exactly one collective. All ranks must miss
 that cache together: if you re-shard so that some rank keeps its local size
 while another's changes, call :func:`reset_shard_cache` on every rank first.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist
