@@ -42,3 +42,12 @@ def test_forced_choices(monkeypatch):
     if backend.interpreter_enabled() or torch.cuda.is_available():
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         assert backend.choose(dev) == "triton"
+
+
+def test_outputs_start_poisoned():
+    """The autouse fixture is active: a buffer nobody writes shows the poison value, not zeros."""
+    from conftest import POISON
+    from xent_triton import _alloc
+
+    buf = _alloc.new_output((4,), torch.float32, torch.device("cpu"))
+    assert (buf == POISON).all()

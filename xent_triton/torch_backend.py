@@ -92,7 +92,8 @@ class _Target:
         """(sum(q * x_rel), sum(q), count of nonzero q) per row; x_rel = x - max."""
         if not self.hard:
             q = self.q
-            return torch.where(q != 0, q * x_rel, 0.0).sum(1), q.sum(1), (q != 0).sum(1)
+            nz = q != 0
+            return torch.linalg.vecdot(q, torch.where(nz, x_rel, 0.0)), q.sum(1), nz.sum(1)
         x_t = x_rel.gather(1, self.t[:, None])[:, 0]
         d = torch.where(self.tw != 0, self.tw * x_t, 0.0)
         qsum, nnz = self.tw.clone(), (self.tw != 0).long()
