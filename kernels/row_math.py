@@ -46,11 +46,18 @@ def softcap_tanh(x, softcap):
 
 
 @triton.jit
+def cap_logits(x, softcap):
+    """(softcap * tanh(x / softcap) with -inf kept, tanh(x / softcap)); the second is for the chain rule."""
+    th = softcap_tanh(x, softcap)
+    return tl.where(x == float("-inf"), x, softcap * th), th
+
+
+@triton.jit
 def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr):
     # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
     x = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
     if SOFTCAP:
-        x = tl.where(x == float("-inf"), x, softcap * softcap_tanh(x, softcap))
+        x, _ = cap_logits(x, softcap)
     return x
 
 
@@ -86,7 +93,8 @@ def row_target(T, t_off, W, V, n_classes, class_offset, ignore_index, smoothing,
 def target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing,
                 HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr):
     """q for one block of columns (zero on padding lanes)."""
-    if HAS_WEIGHT:
+    if HAS_WEIGHT and (SMOOTH or not HARD):
+        # Class indices without smoothing need only w_t (row_target): no weight row is read.
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     if HARD:
         q = tl.where(cols == t, tw, 0.0).to(ACC)

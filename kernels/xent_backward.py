@@ -11,7 +11,7 @@ in-place memory mode dlogits is written over the logits it was computed from.
 import triton
 import triton.language as tl
 
-from .row_math import f64_param, to_store, grad_coef, row_target, softcap_tanh, target_mass
+from .row_math import cap_logits, f64_param, to_store, grad_coef, row_target, target_mass
 
 
 @triton.jit
@@ -61,8 +61,7 @@ def xent_backward_kernel(
         xr = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf")).to(ACC)
         x = xr
         if SOFTCAP:
-            th = softcap_tanh(xr, softcap)
-            x = tl.where(xr == float("-inf"), xr, softcap * th)
+            x, th = cap_logits(xr, softcap)
         if NEED_DX:
             q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
             # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).

@@ -2,7 +2,7 @@
 
 Memory traffic per row of V classes: V logits read, plus V labels read for
 soft labels (nothing of size V for class indices). Everything else is O(1) per
-row: the statistics the backward pass needs (lse and coef) and the loss.
+row: the loss and the statistics the backward pass needs (lse and sum(q)).
 """
 import triton
 import triton.language as tl

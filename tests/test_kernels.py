@@ -70,6 +70,9 @@ CASES = {
     "forward_soft_bf16": [_fwd("bf16", "bf16", "fp32", False, False)],
     "forward_soft_mixed_all_features": [_fwd("fp16", "fp32", "fp32", False, True, ints="i64")],
     "forward_hard_all_features": [_fwd("bf16", "bf16", "fp32", True, True)],
+    "forward_hard_weight_only": [dict(_fwd("bf16", "bf16", "fp32", True, False),
+                                      consts=dict(_fwd("bf16", "bf16", "fp32", True, False)["consts"],
+                                                  HAS_WEIGHT=True))],
     "forward_split_and_combine": [
         _fwd("bf16", "bf16", "fp32", True, True, split=8),
         dict(kind="combine", ptrs=dict(T="*i64", W="*fp32", LOSS="*bf16", LSE="*fp32", QSUM="*fp32",

@@ -57,6 +57,11 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
             logits.new_empty(shape, dtype=stat), logits.new_empty(shape, dtype=stat))
 
 
+def _fake_alloc(shape, dtype, device):
+    """Allocation for the fake implementations: never poisoned, never read."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, alloc):
     """Class-last contiguous buffers (or None) for dlogits and dlabels.
 
@@ -101,10 +106,7 @@ def xent_backward(
 @xent_backward.register_fake
 def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
       softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1):
-    def alloc(shape, dtype, device):
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, alloc)
+    dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, _fake_alloc)
     return _as_grads(dx, dy, logits, labels, axis)
 
 
@@ -154,8 +156,5 @@ def xent_backward_inplace(
 @xent_backward_inplace.register_fake
 def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
       softcap, need_dlabels):
-    def alloc(shape, dtype, device):
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, alloc)
+    _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, _fake_alloc)
     return _as_grads(None, dy, logits, labels, axis)[1]
