@@ -53,9 +53,9 @@ def cap_logits(x, softcap):
 
 
 @triton.jit
-def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
     # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
-    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
+    x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(ACC)
     if SOFTCAP:
         x, _ = cap_logits(x, softcap)
     return x
@@ -91,8 +91,9 @@ def row_target(T, t_off, W, V, n_classes, class_offset, ignore_index, smoothing,
 
 @triton.jit
 def target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing,
-                HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr):
-    """q for one block of columns (zero on padding lanes)."""
+                HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr,
+                EVICT: tl.constexpr):
+    """q for one block of columns (zero on padding lanes). EVICT is the L2 hint for the label row."""
     if HAS_WEIGHT and (SMOOTH or not HARD):
         # Class indices without smoothing need only w_t (row_target): no weight row is read.
         w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
@@ -105,12 +106,23 @@ def target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing,
                 q += tl.where(cmask, smoothing / n_classes, 0.0)
         q = tl.where(active, q, 0.0)
     else:
-        q = tl.load(Y_row + cols, mask=cmask, other=0.0).to(ACC)
+        q = tl.load(Y_row + cols, mask=cmask, other=0.0, eviction_policy=EVICT).to(ACC)
         if SMOOTH:
             q = tl.where(cmask, q * (1.0 - smoothing) + smoothing / n_classes, 0.0)
         if HAS_WEIGHT:
             q = q * w
     return q
+
+
+@triton.jit
+def dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP: tl.constexpr):
+    """g * (softmax * coef - q) for one block, times the softcap's chain rule (th = tanh(x_raw / c))."""
+    # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
+    p = tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
+    dx = g * (p * coef - q)
+    if SOFTCAP:
+        dx = dx * (1.0 - th * th)
+    return tl.where(active, dx, 0.0)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ in-place memory mode dlogits is written over the logits it was computed from.
 import triton
 import triton.language as tl
 
-from .row_math import cap_logits, f64_param, to_store, grad_coef, row_target, target_mass
+from .row_math import cap_logits, dlogits_block, f64_param, grad_coef, row_target, target_mass, to_store
 
 
 @triton.jit
@@ -23,11 +23,12 @@ def xent_backward_kernel(
     G, sg_outer, sg_inner,
     LSE, QSUM,
     DX, sdx_outer, sdx_inner,
-    DY,
+    DY, S,
     n_inner, V, n_classes, class_offset, cols_per_prog,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, SKIP_SCALED: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Grid (n_rows, cdiv(V, cols_per_prog)). DY is contiguous (n_rows, V); DX is
     addressed like X and may be X itself (the in-place mode): each element is
@@ -35,6 +36,10 @@ def xent_backward_kernel(
 
     LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
     shard they are the global (all-shard) values.
+
+    SKIP_SCALED (after xent_step_kernel): DX already holds the gradient for an
+    upstream gradient equal to the scalar S. Rows whose G equals S are left
+    as they are, reading and writing nothing; the others are recomputed.
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
@@ -48,11 +53,13 @@ def xent_backward_kernel(
     t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
                                       ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
     g = tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC)
+    col_begin = part * cols_per_prog
+    col_end = tl.minimum(col_begin + cols_per_prog, V)
+    if SKIP_SCALED:
+        col_end = tl.where(g == tl.load(S).to(ACC), col_begin, col_end)
     g = tl.where(active, g, 0.0)
     lse = tl.load(LSE + row).to(ACC)
     coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)
-    col_begin = part * cols_per_prog
-    col_end = tl.minimum(col_begin + cols_per_prog, V)
     # Ignored rows load nothing (every lane masked) and only write zeros.
     load_end = tl.where(active, col_end, col_begin)
     for start in range(col_begin, col_end, BLOCK):
@@ -60,16 +67,13 @@ def xent_backward_kernel(
         cmask = cols < col_end
         xr = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf")).to(ACC)
         x = xr
+        th = xr
         if SOFTCAP:
             x, th = cap_logits(xr, softcap)
         if NEED_DX:
-            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
-            # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
-            p = tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
-            dx = g * (p * coef - q)
-            if SOFTCAP:
-                dx = dx * (1.0 - th * th)
-            dx = tl.where(active, dx, 0.0)
+            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
+                            ACC, "")
+            dx = dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP)
             tl.store(DX + outer * sdx_outer + inner * sdx_inner + cols, to_store(dx, DX), mask=cmask)
         if NEED_DY:
             dy = g * (lse - x)

@@ -13,8 +13,8 @@ from .row_math import f64_param, finalize_row, load_logits, row_target, target_m
 @triton.jit
 def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
                  HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                 SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Online statistics over columns [col_begin, col_end).
+                 SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """Online statistics over columns [col_begin, col_end); EVICT is the L2 hint of the loads.
 
     Returns m (the running max, -inf replaced by 0), s = sum(exp(x - m)),
     d = sum(q * (x - m)), sum(q) and the count of nonzero q. Keeping the
@@ -29,8 +29,9 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
     for start in range(col_begin, col_end, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         cmask = cols < col_end
-        x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC)
-        q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC)
+        x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC, EVICT)
+        q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC,
+                        EVICT)
         # s == 0 means no finite logit yet (the max itself adds exp(0) = 1).
         # Until then m stays 0, so exp(x - m) never computes -inf - (-inf).
         bmax = tl.max(x, axis=0)
@@ -92,7 +93,7 @@ def xent_forward_kernel(
     # Ignored rows (hard labels) read nothing: their loop is empty.
     col_end = tl.where(active, col_end, col_begin)
     m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
-                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC)
+                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC, "")
     if SPLIT == 1:
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))

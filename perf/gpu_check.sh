@@ -5,7 +5,7 @@
 #   bash perf/gpu_check.sh --full       # tests + the default sweep (the sweep alone takes < 8 min: add --no-tests
 #                                       # to fit one 600 s call)
 #   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
-#   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~4 min) instead of
+#   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~6-8 min) instead of
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
@@ -106,7 +106,7 @@ fi
 # ---------------------------------------------------------------- (d') tile tuning (instead of the sweep)
 if [ "$TUNE" = 1 ]; then
   say "python3 -m perf.tune_tiles --out $OUT"
-  timeout -k 30 "${TUNE_TIMEOUT_S:-330}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+  timeout -k 30 "${TUNE_TIMEOUT_S:-520}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
     python3 -m perf.tune_tiles --out "$OUT" 2>&1 | tee "$OUT/tune.log"
   say "tune: rc ${PIPESTATUS[0]}"
 fi

@@ -15,7 +15,9 @@ What is measured (see perf/NOTES.md and ../shared/ANCHORS.md for the byte model)
   (forward + backward).
 * labels: ``soft`` (a dense probability row per example) and ``hard`` (int64 class indices).
 * methods: ``xent_triton`` (soft: softmax_cross_entropy_with_logits(...).sum(), hard: cross_entropy(...,
-  reduction="sum")), ``xent_triton_inplace`` (step only, cross_entropy(..., inplace_backward=True)),
+  reduction="sum")), ``xent_triton_fused`` (step only, cross_entropy(..., reduction="sum") with
+  XENT_TRITON_FUSED_STEP=1: the forward writes dlogits, kernels/xent_step.py), ``xent_triton_inplace``
+  (step only, cross_entropy(..., inplace_backward=True)),
   ``torch_eager`` (F.cross_entropy, reduction="sum"), ``torch_seed_two_step`` (soft only,
   ``-(y * log_softmax(x)).sum()``), ``torch_compile`` (torch.compile(F.cross_entropy), static shapes) and
   ``liger`` (hard only, LigerCrossEntropyLoss; skipped with a note when liger_kernel is not installed).
@@ -65,13 +67,16 @@ import torch
 import torch.nn.functional as F
 
 import xent_triton as xt
+from xent_triton.launch_config import FUSED_STEP_ENV
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 1e-4}
 LABELS = ("soft", "hard")
 PASSES = ("forward", "backward", "step")
-METHODS = ("xent_triton", "xent_triton_inplace", "torch_eager", "torch_seed_two_step", "torch_compile", "liger")
-SHORT = {"xent_triton": "xt", "xent_triton_inplace": "xt_inpl", "torch_eager": "eager",
+METHODS = ("xent_triton", "xent_triton_fused", "xent_triton_inplace", "torch_eager", "torch_seed_two_step",
+           "torch_compile", "liger")
+SHORT = {"xent_triton": "xt", "xent_triton_fused": "xt_fused", "xent_triton_inplace": "xt_inpl",
+         "torch_eager": "eager",
          "torch_seed_two_step": "seed2", "torch_compile": "compile", "liger": "liger"}
 
 # Byte model of ../shared/ANCHORS.md, in units of N*V*b (b = element size). The step is counted against
@@ -91,17 +96,17 @@ DEFAULT_POINTS = QUICK_POINTS + [
 CPU_POINTS = [(64, 1000), (256, 8192), (8, 50257)]
 
 # Time arithmetic (one H100/H200; "measurement" = one do_bench of one method/pass at one point):
-#   per (point, dtype): soft 4 methods x 3 passes + inplace step = 13, hard 3 x 3 + inplace step = 10
-#   (+ liger forward/step when installed) -> 23 measurements, plus 2 clone baselines for the in-place step.
+#   per (point, dtype): soft 4 methods x 3 passes + fused and inplace steps = 14, hard 3 x 3 + 2 = 11
+#   (+ liger forward/step when installed) -> 25 measurements, plus 2 clone baselines for the in-place step.
 #   torch.compile compiles 2 graphs per (point, dtype, labels) (no-grad forward; forward+backward),
 #   about 2-4 s each once Inductor is warm, plus ~20 s for the first compile of the process; the
 #   backward-alone pass recompiles forward+backward without buffer donation (Inductor's cache serves
 #   most of it: ~0.3-1 s).
-#   --quick:  6 points x bf16            = 138 measurements x ~0.2 s (warmup 25 + rep 100 ms, L2 flushes,
+#   --quick:  6 points x bf16            = 150 measurements x ~0.2 s (warmup 25 + rep 100 ms, L2 flushes,
 #             checks, peak-memory call) ~ 30 s; 24 compiles ~ 50-100 s; references, inputs, startup ~ 30 s
 #             -> ~2-2.5 min (the first block pays ~30-45 s of Inductor start-up). Guard: 2.5 min, checked
 #             before each (point, labels) block of ~10 s, so the run ends before 3 min.
-#   default: 13 points x {bf16, fp32}    = 598 measurements x ~0.12 s (warmup 10 + rep 50 ms) ~ 75 s;
+#   default: 13 points x {bf16, fp32}    = 650 measurements x ~0.12 s (warmup 10 + rep 50 ms) ~ 75 s;
 #             104 compiles ~ 210-310 s; references (fp64, chunked; the 65536 x 50257 point is the
 #             largest), inputs and startup ~ 60 s -> ~6-7 min. Guard: 7.0 min, checked before each
 #             (point, dtype, labels) block, and one block takes < 20 s, so the run ends under 8 min.
@@ -122,6 +127,8 @@ class MethodSpec:
 
 SPECS = {
     "xent_triton": MethodSpec(LABELS, PASSES, False),
+    # The fused step writes dlogits in its forward; its backward alone only checks the upstream gradient.
+    "xent_triton_fused": MethodSpec(LABELS, ("step",), False),
     # In-place mode: the forward writes dlogits over the logits; only a step is meaningful.
     "xent_triton_inplace": MethodSpec(LABELS, ("step",), True),
     "torch_eager": MethodSpec(LABELS, PASSES, False),
@@ -273,6 +280,8 @@ class Losses:
             if soft:
                 return lambda x, y: xt.softmax_cross_entropy_with_logits(y, x).sum()
             return lambda x, t: xt.cross_entropy(x, t, reduction="sum")
+        if method == "xent_triton_fused":
+            return _with_env(lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum"), FUSED_STEP_ENV, "1")
         if method == "xent_triton_inplace":
             return lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum", inplace_backward=True)
         if method == "torch_eager":
@@ -286,6 +295,21 @@ class Losses:
             liger = self.liger
             return lambda x, t: liger(x, t)
         raise ValueError(method)
+
+
+def _with_env(fn: Callable, name: str, value: str) -> Callable:
+    """fn with an environment variable set during each call (the fused step is chosen at forward time)."""
+    def call(*args):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return call
 
 
 def _configure_dynamo(log: Log):
@@ -475,10 +499,13 @@ def _note_once(ctx: Ctx, key, msg: str):
         ctx.log(msg)
 
 
-def _launch_note(N: int, V: int, b: int, device: torch.device, inplace: bool) -> str:
+def _launch_note(N: int, V: int, b: int, device: torch.device, method: str) -> str:
     try:
         from xent_triton import launch_config as lc
 
+        if method == "xent_triton_fused":
+            s = lc.step_launch(V, b, device)
+            return f"fused step BLOCK={s.block} warps={s.num_warps} programs={s.programs}"
         f = lc.forward_launch(N, V, b, device)
         g = lc.backward_launch(N, V, b, device)
         return (f"fwd BLOCK={f.block} warps={f.num_warps} split={f.split}; "
@@ -586,7 +613,7 @@ def run_block(ctx: Ctx, N: int, V: int, dname: str, labels: str, seed: int) -> s
             row = dict(base, method=method, **{"pass": pas})
             note = []
             if ctx.cuda and method.startswith("xent_triton"):
-                note.append(_launch_note(N, V, b, ctx.device, method == "xent_triton_inplace"))
+                note.append(_launch_note(N, V, b, ctx.device, method))
             prep = out = None
             retain_compile = method == "torch_compile" and pas == "backward"
             if retain_compile:

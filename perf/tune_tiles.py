@@ -1,17 +1,22 @@
 """Measure the (BLOCK, num_warps) tile of each kernel pass on this GPU and write tiles.json.
 
-    python -m perf.tune_tiles --out $OUT            # ~4 min on an H100: 2 dtypes x 4 V x 9 tiles x 2 passes
+    python -m perf.tune_tiles --out $OUT            # ~6-8 min on an H100: 2 dtypes x 4 V x (9 tiles x 2 passes
+                                                    # + 19 steps); tiles.json is rewritten after every V
     python -m perf.tune_tiles --quick --out $OUT    # bf16 only, 2 V
 
 For each element size (bf16, fp32), class count V and pass (forward of the soft loss, backward of the soft
-loss), every candidate tile is timed with triton.testing.do_bench (median) at N rows chosen so that one
+loss; then the training step with class indices, two kernels against every fused-step candidate), every
+candidate tile is timed with triton.testing.do_bench (median) at N rows chosen so that one
 tensor holds about 512 MiB (large enough that no row is split and the data is far past L2). The fastest
 tile per (pass, element size, V) becomes a row of the table that xent_triton/launch_config.py reads
 (copy the written tiles.json to xent_triton/tiles.json and commit it with the card named in it). Results
 are also printed as % of the copy bandwidth measured in the same run, on the byte model of
-../shared/ANCHORS.md (forward 2NVb, backward 3NVb).
+../shared/ANCHORS.md (forward 2NVb, backward 3NVb, hard-label step 2NVb). A "step" row records the best
+fused tile where the fused step beat the two kernels, and programs_per_sm 0 where it did not: with
+XENT_TRITON_FUSED_STEP=auto (the default) the fused step runs only where it won.
 """
 import argparse
+import copy as copy_module
 import datetime
 import json
 import os
@@ -20,7 +25,9 @@ import sys
 import torch
 
 CANDIDATES = [(b, w) for b in (1024, 2048, 4096) for w in (4, 8, 16)]
-V_POINTS = (4096, 32000, 128256, 256000)
+# Fused step (kernels/xent_step.py): (BLOCK, num_warps, persistent programs per SM).
+STEP_CANDIDATES = [(b, w, p) for b in (2048, 4096, 8192) for w in (8, 16) for p in (1, 2, 4)]
+V_POINTS = (128256, 32000, 256000, 4096)  # most important first: a run cut short keeps them
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_BYTES = 512 * 2**20
 
@@ -53,7 +60,7 @@ def main(argv=None):
     copy = copy_gbps(do_bench)
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {copy:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    table = {"forward": {}, "backward": {}}
+    table = {"forward": {}, "backward": {}, "step": {}}
     lines = ["| dtype | V | pass | best tile | ms | % of copy | worst tile | worst % |", "|---|---|---|---|---|---|---|---|"]
     def time_point(name, dtype, V):
         """Every candidate tile of both passes at one (dtype, V); tensors are freed on return."""
@@ -86,23 +93,67 @@ def main(argv=None):
                   f"worst {worst} ({worst_pct:.0f}%)", flush=True)
             lines.append(f"| {name} | {V} | {pass_name} | {best} | {ms:.3f} | {pct:.0f} | {worst} | {worst_pct:.0f} |")
             table[pass_name].setdefault(str(b), []).append([V, best[0], best[1]])
+        del y, loss, lse, qsum, g
+        time_step(name, dtype, x, N, V, b)
+
+    def time_step(name, dtype, x, N, V, b):
+        """Hard-label training step: the two kernels against each fused-step candidate."""
+        x = x.detach().requires_grad_()
+        t = torch.randint(0, V, (N,), device="cuda")
+
+        def step():
+            loss = xent_triton.cross_entropy(x, t, reduction="sum")
+            torch.autograd.grad(loss, x)
+
+        os.environ[lc.FUSED_STEP_ENV] = "0"
+        two_kernel_ms = do_bench(step)
+        os.environ[lc.FUSED_STEP_ENV] = "1"
+        timings = []
+        for cand in STEP_CANDIDATES:
+            lc.FORCE_STEP = cand
+            try:
+                timings.append((do_bench(step), cand))
+            except Exception as e:
+                print(f"  {name} V={V} step {cand}: {type(e).__name__}: {e}", flush=True)
+            finally:
+                lc.FORCE_STEP = None
+        del os.environ[lc.FUSED_STEP_ENV]
+        timings.sort()
+        (ms, best), (worst_ms, worst) = timings[0], timings[-1]
+        pct = {k: 2 * N * V * b / v / 1e6 / copy * 100 for k, v in (("two", two_kernel_ms), ("best", ms),
+                                                                     ("worst", worst_ms))}
+        wins = ms < two_kernel_ms
+        print(f"{name} V={V:>6} N={N:>6}     step: two kernels {two_kernel_ms:.3f} ms ({pct['two']:.0f}%); fused "
+              f"best {best} {ms:.3f} ms ({pct['best']:.0f}%), worst {worst} ({pct['worst']:.0f}%)", flush=True)
+        lines.append(f"| {name} | {V} | step (two kernels) | - | {two_kernel_ms:.3f} | {pct['two']:.0f} | - | - |")
+        lines.append(f"| {name} | {V} | step (fused) | {best} | {ms:.3f} | {pct['best']:.0f} | {worst} | "
+                     f"{pct['worst']:.0f} |")
+        table["step"].setdefault(str(b), []).append([V] + (list(best) if wins else [0, 0, 0]))
+
+    def write_table():
+        """Write tiles.json from what is measured so far (a run cut short still leaves a usable table).
+
+        Each measured V covers the classes up to the next measured V; the last one covers everything above.
+        """
+        out = copy_module.deepcopy(table)
+        for by_size in out.values():
+            for rows in by_size.values():
+                rows.sort()
+                for i in range(len(rows) - 1):
+                    rows[i][0] = rows[i + 1][0] - 1
+                rows[-1][0] = 2**31 - 1
+        os.makedirs(args.out, exist_ok=True)
+        meta = dict(gpu=gpu, date=datetime.date.today().isoformat(), torch=torch.__version__,
+                    triton=triton.__version__, copy_gbps=round(copy), tiles=out)
+        with open(os.path.join(args.out, "tiles.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        return meta
 
     for name, dtype in dtypes.items():
         for V in vs:
             time_point(name, dtype, V)
             torch.cuda.empty_cache()
-    # Each measured V covers the classes up to the next measured V; the last one covers everything above.
-    for by_size in table.values():
-        for rows in by_size.values():
-            rows.sort()
-            for i in range(len(rows) - 1):
-                rows[i][0] = rows[i + 1][0] - 1
-            rows[-1][0] = 2**31 - 1
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(gpu=gpu, date=datetime.date.today().isoformat(), torch=torch.__version__,
-                triton=triton.__version__, copy_gbps=round(copy), tiles=table)
-    with open(os.path.join(args.out, "tiles.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+            meta = write_table()
     print(f"# Tiles measured on {gpu}, {meta['date']} (copy {copy:.0f} GB/s)\n")
     print("\n".join(lines))
     print(f"wrote {os.path.join(args.out, 'tiles.json')}: copy it to xent_triton/tiles.json to use it")

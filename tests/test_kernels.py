@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(r'''
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from xent_triton.kernels import xent_forward_kernel, xent_combine_kernel, xent_backward_kernel
+    from xent_triton.kernels import xent_forward_kernel, xent_combine_kernel, xent_backward_kernel, xent_step_kernel
 
     FLOATS = {"smoothing", "smoothing_lo", "z_scale", "z_scale_lo", "softcap", "softcap_lo"}
 
@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent(r'''
         kind, ptrs, consts, warps = case["kind"], case["ptrs"], dict(case["consts"]), case["warps"]
         if "ACC" in consts:
             consts["ACC"] = ACC[consts["ACC"]]
-        fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel}[kind]
+        fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
+              "step": xent_step_kernel}[kind]
         size = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
         print("compiled", kind, size, flush=True)
 ''')
@@ -58,12 +59,19 @@ def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32"):
     return dict(kind="fwd", ptrs=ptrs, consts=consts, warps=warps, ints=ints)
 
 
-def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16):
+def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
-                DX=f"*{x}", DY=f"*{y}")
+                DX=f"*{x}", DY=f"*{y}", S="*fp32")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, NEED_DX=True,
-                  NEED_DY=need_dy, BLOCK=block, ACC=acc)
+                  NEED_DY=need_dy, SKIP_SCALED=skip, BLOCK=block, ACC=acc)
     return dict(kind="bwd", ptrs=ptrs, consts=consts, warps=warps)
+
+
+def _step(x, y, acc, hard, extras, block=4096, warps=16):
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", LOSS="*fp32", LSE=f"*{acc}",
+                QSUM=f"*{acc}", DX=f"*{x}")
+    consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, BLOCK=block, ACC=acc)
+    return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
 CASES = {
@@ -82,6 +90,10 @@ CASES = {
     "backward_soft_with_dlabels": [_bwd("bf16", "fp32", "fp32", False, False, True)],
     "backward_hard_all_features": [_bwd("bf16", "bf16", "fp32", True, True, False)],
     "backward_fp64": [_bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4)],
+    "backward_after_fused_step": [_bwd("bf16", "bf16", "fp32", True, True, False, skip=True)],
+    "fused_step_hard_bf16": [_step("bf16", "bf16", "fp32", True, False)],
+    "fused_step_soft_all_features": [_step("bf16", "fp32", "fp32", False, True, block=2048)],
+    "fused_step_hard_all_features_fp64": [_step("fp64", "fp64", "fp64", True, True, block=512, warps=4)],
 }
 
 

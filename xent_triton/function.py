@@ -3,7 +3,8 @@
 ``SoftmaxCrossEntropyWithLogits`` wires the forward and backward kernels for
 TF's soft-label loss; the functional API reaches the same kernels through the
 custom op (with its registered autograd), which torch.compile can trace.
-``InplaceGradCrossEntropy`` is the in-place memory mode.
+``InplaceGradCrossEntropy`` is the in-place memory mode, and
+``FusedStepCrossEntropy`` the fused training step of reduced losses.
 """
 import torch
 
@@ -73,3 +74,44 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
         dlabels = torch.ops.xent_triton.backward_inplace(
             grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dy)
         return (logits, dlabels if need_dy else None) + (None,) * 8
+
+
+class FusedStepCrossEntropy(torch.autograd.Function):
+    """Cross entropy whose forward also writes dlogits (kernels/xent_step.py).
+
+    The forward does not know the upstream gradient, so it writes dlogits for
+    ``scale``, the gradient each row gets when the reduced loss itself is
+    backpropagated with gradient 1 (1 for ``sum``, 1/denominator for ``mean``).
+    The backward keeps those rows and recomputes any other (a scaled loss, a
+    GradScaler), so the result is always exact.
+
+    dlogits is held on ``ctx``, not saved: handing autograd the only reference
+    lets it become ``.grad`` without a copy. A second backward through a retained
+    graph recomputes it from the saved logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
+                softcap, loss_fp32, scale):
+        params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
+        loss, lse, qsum, dlogits = torch.ops.xent_triton.step(logits, labels, target, weight, *params, loss_fp32,
+                                                              scale)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(logits, labels, target, weight, lse, qsum, scale)
+        ctx.dlogits = dlogits
+        ctx.params = params
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("xent_triton: double backward is not supported")
+        logits, labels, target, weight, lse, qsum, scale = ctx.saved_tensors
+        dlogits, ctx.dlogits = ctx.dlogits, None
+        if dlogits is None:
+            dlogits, _ = torch.ops.xent_triton.backward(
+                grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, True, False)
+        else:
+            torch.ops.xent_triton.backward_scaled(grad_loss, logits, labels, target, weight, lse, qsum, scale,
+                                                  dlogits, *ctx.params)
+        return (dlogits,) + (None,) * 10

@@ -2,7 +2,8 @@
 import torch
 
 from . import validation as v
-from .function import InplaceGradCrossEntropy
+from . import launch_config
+from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
 from .layout import check_inplace, make_rows
 
 # An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
@@ -14,10 +15,12 @@ def _autocast_on(t: torch.Tensor) -> bool:
 
 
 def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
-             loss_fp32, inplace_backward):
-    """(loss, lse) per row through the custom op, or the in-place mode."""
+             loss_fp32, inplace_backward, step_scale=None):
+    """(loss, lse) per row through the custom op, the in-place mode, or (``step_scale`` given) the fused step."""
     args = (logits, labels, target, weight, axis, int(ignore_index), float(label_smoothing),
             float(lse_square_scale), float(softcap or 0.0), loss_fp32)
+    if step_scale is not None:
+        return FusedStepCrossEntropy.apply(*args, step_scale)
     if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
         base = logits._base if logits._base is not None else logits
         if base.is_leaf:
@@ -119,29 +122,58 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     out_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
     # Reductions sum the fp32 per-row losses and round once.
     loss_fp32 = autocast or reduction != "none"
-    loss, lse = _per_row(input, None if hard else target, target if hard else None, weight, axis, ignore_index,
-                         label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward)
-    loss = reduce_rows(loss, reduction, target if hard else None, ignore_index, weight)
+    index_target = target if hard else None
+    n_rows = input.numel() // C if C else 0
+    denom = _mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
+    step_scale = None
+    if _takes_fused_step(input, None if hard else target, n_rows, C, reduction, inplace_backward):
+        loss_dtype = torch.float32 if loss_fp32 and input.dtype != torch.float64 else input.dtype
+        # The gradient autograd will hand each row when the reduced loss gets gradient 1:
+        # the same division as in reduce_rows, so that the two compare equal.
+        step_scale = torch.ones((), dtype=loss_dtype, device=input.device)
+        if denom is not None:
+            step_scale = step_scale / (denom.to(loss_dtype) if isinstance(denom, torch.Tensor) else denom)
+    loss, lse = _per_row(input, None if hard else target, index_target, weight, axis, ignore_index,
+                         label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
+    loss = reduce_rows(loss, reduction, index_target, ignore_index, weight, denom)
     loss = loss.to(out_dtype)
     return (loss, lse.detach()) if return_lse else loss
 
 
-def reduce_rows(loss, reduction, target=None, ignore_index=-100, weight=None):
-    """torch's reductions of a per-row loss. ``mean`` divides by the sum of
-    ``weight[target]`` over non-ignored rows for class indices (their count
-    without weights), by the number of rows for probabilities. No host sync."""
+def _takes_fused_step(input, soft_target, n_rows, V, reduction, inplace_backward) -> bool:
+    """The fused step (dlogits written by the forward) pays off only when the upstream gradient is
+    known in advance (a reduced loss), and runs in eager mode only: a compiled graph gets the
+    two custom ops, which it can schedule and capture freely."""
+    if reduction == "none" or inplace_backward or not (torch.is_grad_enabled() and input.requires_grad):
+        return False
+    if soft_target is not None and soft_target.requires_grad:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return launch_config.use_fused_step(n_rows, V, input.element_size(), input.device)
+
+
+def _mean_denominator(n_rows, target, ignore_index, weight):
+    """torch's ``mean`` divisor: the sum of ``weight[target]`` over non-ignored rows for class
+    indices (their count without weights), a device tensor computed without a host sync; the
+    number of rows (an int) for probabilities."""
+    if target is None:
+        return n_rows
+    active = target != ignore_index
+    if weight is None:
+        return active.sum()
+    # Clamp only to gather safely; out-of-range rows are already NaN.
+    C = weight.shape[0]
+    w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
+    return (w_t * active).sum()
+
+
+def reduce_rows(loss, reduction, target=None, ignore_index=-100, weight=None, denom=None):
+    """torch's reductions of a per-row loss (see _mean_denominator). No host sync."""
     if reduction == "sum":
         return loss.sum()
     if reduction == "none":
         return loss
-    if target is None:
-        return loss.mean()
-    active = target != ignore_index
-    if weight is None:
-        denom = active.sum()
-    else:
-        # Clamp only to gather safely; out-of-range rows are already NaN.
-        C = weight.shape[0]
-        w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
-        denom = (w_t * active).sum()
-    return loss.sum() / denom.to(loss.dtype)
+    if denom is None:
+        denom = _mean_denominator(loss.numel(), target, ignore_index, weight)
+    return loss.sum() / (denom.to(loss.dtype) if isinstance(denom, torch.Tensor) else denom)

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -27,6 +28,10 @@ _INTERPRETER_SMS = 4
 
 FORCE_SPLIT = None  # tests only: force the forward split factor
 FORCE_TILE = None  # perf/tune_tiles.py only: (block, num_warps) for every launch
+FORCE_STEP = None  # perf/tune_tiles.py only: (block, num_warps, programs_per_sm) of the fused step
+FUSED_STEP_ENV = "XENT_TRITON_FUSED_STEP"
+# Persistent programs per SM of the fused step: few, so that programs x row bytes fit in L2.
+_STEP_PROGRAMS_PER_SM = 2
 TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
 
 
@@ -91,3 +96,63 @@ def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
 def backward_launch(n_rows, n_cols, itemsize, device) -> Launch:
     # The backward needs no reduction, so a row splits freely.
     return _launch("backward", n_rows, n_cols, itemsize, device)
+
+
+@dataclass(frozen=True)
+class StepLaunch:
+    block: int
+    num_warps: int
+    programs: int  # persistent grid size
+
+
+def fused_step_mode() -> str:
+    """``XENT_TRITON_FUSED_STEP``: ``auto`` (default: where tiles.json measured a win), ``1`` (always), ``0``."""
+    mode = os.environ.get(FUSED_STEP_ENV, "auto").strip().lower()
+    if mode not in ("auto", "1", "0"):
+        raise ValueError(f"{FUSED_STEP_ENV} must be one of 'auto', '1', '0', got {mode!r}")
+    return mode
+
+
+def _measured_step(n_cols, itemsize):
+    """[block, num_warps, programs_per_sm] of the tiles.json "step" row covering n_cols, or None.
+
+    programs_per_sm == 0 records that the two-kernel step won at that size.
+    """
+    for row in measured_tiles().get("step", {}).get(itemsize, []):
+        if n_cols <= row[0]:
+            return row[1:]
+    return None
+
+
+def step_launch(n_cols, itemsize, device) -> StepLaunch:
+    """Launch of the fused step (kernels/xent_step.py): forced, measured, or a heuristic."""
+    p2 = triton.next_power_of_2(max(n_cols, 1))
+    measured = _measured_step(n_cols, itemsize)
+    if FORCE_STEP is not None:
+        block, warps, per_sm = FORCE_STEP
+    elif measured is not None and measured[2] > 0:
+        block, warps, per_sm = measured
+    else:
+        # 8 elements per thread: the bf16 2048/8-warp variant needs 64 registers (sm_90 cubin), so the
+        # programs of _STEP_PROGRAMS_PER_SM can be resident together; 16 elements per thread take 125-144.
+        block = min(p2, {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512))
+        warps, per_sm = max(1, min(16, block // 256)), _STEP_PROGRAMS_PER_SM
+    block = min(block, p2)
+    return StepLaunch(block=block, num_warps=max(1, min(warps, block // 32)),
+                      programs=per_sm * _sm_count(device.type, device.index))
+
+
+def use_fused_step(n_rows, n_cols, itemsize, device) -> bool:
+    """Whether a training step should take the fused step instead of the two kernels.
+
+    ``auto`` takes it only where perf/tune_tiles.py measured it ahead of the two kernels on this
+    kind of GPU (a "step" row of tiles.json with programs_per_sm > 0), and only with enough rows
+    to give every persistent program one: the fused step cannot split a row.
+    """
+    mode = fused_step_mode()
+    if mode != "auto":
+        return mode == "1"
+    measured = _measured_step(n_cols, itemsize)
+    if device.type != "cuda" or measured is None or measured[2] <= 0:
+        return False
+    return n_rows >= step_launch(n_cols, itemsize, device).programs

@@ -2,7 +2,8 @@
 
 ``xent_triton::forward`` returns the per-row loss plus two O(rows) statistics
 (lse and the label mass sum(q)); its autograd formula calls
-``xent_triton::backward``. Both have fake implementations, so torch.compile
+``xent_triton::backward``. The fused step (function.FusedStepCrossEntropy,
+eager only) uses ``xent_triton::step`` and ``xent_triton::backward_scaled``. Both have fake implementations, so torch.compile
 traces them without a graph break, and both pick their backend (Triton or the
 torch fallback) at run time, inside the op.
 
@@ -158,3 +159,47 @@ def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label
       softcap, need_dlabels):
     _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, _fake_alloc)
     return _as_grads(None, dy, logits, labels, axis)[1]
+
+
+@torch.library.custom_op("xent_triton::step", mutates_args=())
+def xent_step(
+    logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+    axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
+    loss_fp32: bool, scale: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, qsum) and ``dlogits = scale * dloss/dlogits`` from one kernel (the fused step).
+
+    ``scale`` is a one-element tensor: the upstream gradient each row is expected to get.
+    """
+    rows = make_rows(logits, labels, target, weight, axis)
+    dx, _ = _grad_buffers(logits, labels, axis, True, False, new_output)
+    out = _impl(logits.device).step(rows, ignore_index, label_smoothing, lse_square_scale, softcap,
+                                    _loss_dtype(logits, loss_fp32), scale, dx)
+    return tuple(t.view(rows.batch_shape) for t in out) + (_as_grads(dx, None, logits, labels, axis)[0],)
+
+
+@xent_step.register_fake
+def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap, loss_fp32,
+      scale):
+    dx, _ = _grad_buffers(logits, labels, axis, True, False, _fake_alloc)
+    return xent_forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
+                        softcap, loss_fp32) + (_as_grads(dx, None, logits, labels, axis)[0],)
+
+
+@torch.library.custom_op("xent_triton::backward_scaled", mutates_args=("dlogits",))
+def xent_backward_scaled(
+    grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+    lse: Tensor, qsum: Tensor, scale: Tensor, dlogits: Tensor, axis: int, ignore_index: int,
+    label_smoothing: float, lse_square_scale: float, softcap: float,
+) -> None:
+    """Finish the dlogits that ``xent_triton::step`` wrote for the upstream gradient ``scale``:
+    rows whose ``grad`` equals ``scale`` are kept, the others are recomputed (exactly, from the logits)."""
+    rows = make_rows(logits, labels, target, weight, axis)
+    _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+                                  lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale)
+
+
+@xent_backward_scaled.register_fake
+def _(grad, logits, labels, target, weight, lse, qsum, scale, dlogits, axis, ignore_index, label_smoothing,
+      lse_square_scale, softcap):
+    return None

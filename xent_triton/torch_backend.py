@@ -32,13 +32,22 @@ def _chunks(rows: Rows):
             yield r0, r1, x, y
 
 
+def _row_block(t3, rows: Rows, r0, r1):
+    """Rows [r0, r1) of a (outer, inner, V) view, as the (outer, inner, V) block _chunks made them from."""
+    o0, i0 = divmod(r0, rows.n_inner)
+    o1 = (r1 - 1) // rows.n_inner + 1
+    i1 = r1 - (o1 - 1) * rows.n_inner
+    return t3[o0:o1, i0:i1]
+
+
 def _write_rows(t3, rows: Rows, r0, r1, values):
     """Write values (r1 - r0, V) into rows [r0, r1) of a (outer, inner, V) view."""
-    n_inner = rows.n_inner
-    o0, i0 = divmod(r0, n_inner)
-    o1 = (r1 - 1) // n_inner + 1
-    i1 = r1 - (o1 - 1) * n_inner
-    t3[o0:o1, i0:i1] = values.reshape(o1 - o0, i1 - i0, rows.n_cols)
+    block = _row_block(t3, rows, r0, r1)
+    block.copy_(values.reshape(block.shape))
+
+
+def _read_rows(t3, rows: Rows, r0, r1):
+    return _row_block(t3, rows, r0, r1).reshape(r1 - r0, rows.n_cols)
 
 
 def _capped(x_raw, softcap):
@@ -158,10 +167,24 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     return loss_out, lse_out, qsum_out
 
 
+def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
+         loss_dtype: torch.dtype, scale: torch.Tensor, dx_buf: torch.Tensor):
+    """See triton_backend.step. Here it is the forward then the backward for an upstream ``scale``:
+    the fallback has no second read to save, only the semantics to match."""
+    out = forward(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype)
+    backward(rows, scale.reshape(()).expand(rows.n_rows), out[1], out[2], ignore_index, smoothing, z_scale,
+             softcap, dx_buf, None)
+    return out
+
+
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
-             softcap: float, dx_buf, dy_buf):
+             softcap: float, dx_buf, dy_buf, skip_scale=None):
     """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
     g_all = grad.reshape(rows.n_rows).to(rows.acc)
+    redo = None
+    if skip_scale is not None:
+        # Rows whose gradient is the one a fused step assumed already hold their dlogits.
+        redo = g_all != skip_scale.reshape(()).to(rows.acc)
     contiguous = (rows.n_inner * rows.n_cols, rows.n_cols)
     dx3 = None
     if dx_buf is not None:
@@ -179,8 +202,13 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
                 dy = dy * rows.weight.to(rows.acc)
             _write_rows(dy3, rows, r0, r1, dy)
         if dx3 is not None:
+            if redo is not None and not bool(redo[r0:r1].any()):
+                continue
             target = _Target(rows, y, r0, r1, ignore_index, smoothing)
             if target.active is not None:
                 g = torch.where(target.active, g, 0.0)
             coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, target.active)
-            _write_rows(dx3, rows, r0, r1, _dlogits(x, th, target, lse[r0:r1], coef, g, softcap))
+            dx = _dlogits(x, th, target, lse[r0:r1], coef, g, softcap)
+            if redo is not None:
+                dx = torch.where(redo[r0:r1, None], dx, _read_rows(dx3, rows, r0, r1))
+            _write_rows(dx3, rows, r0, r1, dx)

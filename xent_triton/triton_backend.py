@@ -11,7 +11,7 @@ import triton.language as tl
 
 from . import launch_config
 from ._alloc import new_output
-from .kernels import xent_backward_kernel, xent_combine_kernel, xent_forward_kernel
+from .kernels import xent_backward_kernel, xent_combine_kernel, xent_forward_kernel, xent_step_kernel
 from .layout import Rows
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -36,10 +36,24 @@ def _flags(rows: Rows, smoothing: float, softcap: float):
 def _target_args(rows: Rows):
     """Class-index pointer and its (outer, inner) strides; rows.target is 1-D but may be strided."""
     if rows.target is None:
-        # Unused pointers are given the logits: constexpr flags compile their loads out.
         return rows.logits, 0, 0
     s = rows.target.stride(0)
     return rows.target, s * rows.n_inner, s
+
+
+def _operands(rows: Rows):
+    """(labels, target, target outer/inner strides, weight) pointers for a launch."""
+    # Unused pointers are given the logits: constexpr flags compile their loads out.
+    y = rows.labels if rows.labels is not None else rows.logits
+    w = rows.weight if rows.weight is not None else rows.logits
+    return (y, *_target_args(rows), w)
+
+
+def _row_outputs(rows: Rows, loss_dtype: torch.dtype):
+    """Per-row loss, lse and label mass buffers."""
+    dev = rows.logits.device
+    return (new_output((rows.n_rows,), loss_dtype, dev), new_output((rows.n_rows,), rows.acc, dev),
+            new_output((rows.n_rows,), rows.acc, dev))
 
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
@@ -47,16 +61,12 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     """Per-row loss, lse and label mass sum(q)."""
     dev = rows.logits.device
     n, V = rows.n_rows, rows.n_cols
-    loss = new_output((n,), loss_dtype, dev)
-    lse = new_output((n,), rows.acc, dev)
-    qsum = new_output((n,), rows.acc, dev)
+    loss, lse, qsum = _row_outputs(rows, loss_dtype)
     if n == 0:
         return loss, lse, qsum
     cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev)
     flags = _flags(rows, smoothing, softcap)
-    y = rows.labels if rows.labels is not None else rows.logits
-    t, st_outer, st_inner = _target_args(rows)
-    w = rows.weight if rows.weight is not None else rows.logits
+    y, t, st_outer, st_inner, w = _operands(rows)
     part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
     xent_forward_kernel[(n, cfg.split)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
@@ -76,30 +86,53 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     return loss, lse, qsum
 
 
+def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
+         loss_dtype: torch.dtype, scale: torch.Tensor, dx_buf: torch.Tensor):
+    """The forward that also writes ``dx_buf = scale * dloss/dlogits`` (a contiguous (*batch, V) buffer).
+
+    ``scale`` is a one-element tensor (no host sync reads it). Returns per-row loss, lse and
+    label mass.
+    """
+    n, V = rows.n_rows, rows.n_cols
+    loss, lse, qsum = _row_outputs(rows, loss_dtype)
+    if n == 0:
+        return loss, lse, qsum
+    cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device)
+    y, t, st_outer, st_inner, w = _operands(rows)
+    xent_step_kernel[(min(n, cfg.programs),)](
+        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, scale,
+        loss, lse, qsum, dx_buf,
+        n, rows.n_inner, V, rows.n_classes, rows.class_offset,
+        ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
+        HAS_Z=z_scale != 0.0, BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
+    )
+    return loss, lse, qsum
+
+
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
-             softcap: float, dx_buf, dy_buf):
+             softcap: float, dx_buf, dy_buf, skip_scale=None):
     """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None).
 
     ``dx_buf`` is a contiguous (*batch, V) buffer or, in the in-place mode, the
-    class-last logits view itself; ``dy_buf`` is contiguous.
+    class-last logits view itself; ``dy_buf`` is contiguous. With ``skip_scale``
+    (the one-element scale a fused step wrote ``dx_buf`` with), rows whose
+    gradient equals it are left as they are.
     """
     n, V = rows.n_rows, rows.n_cols
     if n == 0:
         return
     cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), rows.logits.device)
     g = grad.reshape(n)
-    y = rows.labels if rows.labels is not None else rows.logits
-    t, st_outer, st_inner = _target_args(rows)
-    w = rows.weight if rows.weight is not None else rows.logits
+    y, t, st_outer, st_inner, w = _operands(rows)
     dx_strides = _row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)
     xent_backward_kernel[(n, cfg.split)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
         g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
         dx_buf if dx_buf is not None else rows.logits, *dx_strides,
-        dy_buf if dy_buf is not None else rows.logits,
+        dy_buf if dy_buf is not None else rows.logits, skip_scale if skip_scale is not None else lse,
         rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog, ignore_index,
         *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
-        NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None,
+        NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None, SKIP_SCALED=skip_scale is not None,
         BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
 

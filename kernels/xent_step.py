@@ -1,0 +1,81 @@
+"""The fused training step: the forward that also writes dlogits.
+
+A training step with the two-kernel design moves the row three times: the
+forward reads it, the backward reads it again and writes dlogits (3NVb for
+class indices, 5NVb with soft labels). Here each program reads its row, finishes
+the row's statistics, then walks the row once more, last block first, and
+writes dlogits. The second walk is meant to hit L2: the grid is persistent (a
+few programs per SM, each looping over rows), so at any time only
+``programs x row bytes`` are in flight; walking backwards re-reads the most
+recently loaded blocks first; and the loads of the second walk and the dlogits
+stores are marked evict-first so that they do not push out the blocks still
+to be re-read. With every re-read served by L2, device memory sees the
+single-touch floor: NVb read + NVb written (2NVb for soft labels read).
+
+The upstream gradient is not known yet, so dlogits is written for an assumed
+scalar S (1 for reduction="sum", 1/denominator for "mean"). The backward
+kernel (SKIP_SCALED) leaves the rows whose gradient turned out to be S and
+recomputes the others, so a different scale (a GradScaler, a loss divided for
+gradient accumulation) is still exact, at the two-kernel price plus one write.
+"""
+import triton
+import triton.language as tl
+
+from .row_math import (cap_logits, dlogits_block, f64_param, finalize_row, grad_coef, row_target, target_mass,
+                       to_store)
+from .xent_forward import _row_partial
+
+
+@triton.jit
+def xent_step_kernel(
+    X, sx_outer, sx_inner,
+    Y, sy_outer, sy_inner,
+    T, st_outer, st_inner,
+    W, S,
+    LOSS, LSE, QSUM, DX,
+    n_rows, n_inner, V, n_classes, class_offset,
+    ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
+    HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """Loss, lse, sum(q) and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
+
+    Addressing and row rules are those of xent_forward_kernel (SPLIT == 1) and
+    xent_backward_kernel; DX is contiguous (n_rows, V).
+    """
+    smoothing = f64_param(smoothing, smoothing_lo, ACC)
+    z_scale = f64_param(z_scale, z_scale_lo, ACC)
+    softcap = f64_param(softcap, softcap_lo, ACC)
+    scale = tl.load(S).to(ACC)
+    n_blocks = tl.cdiv(V, BLOCK)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.zeros([], tl.int64) + r  # int64 offsets; also under the interpreter, where r is an int
+        outer = row // n_inner
+        inner = row % n_inner
+        X_row = X + outer * sx_outer + inner * sx_inner
+        Y_row = Y + outer * sy_outer + inner * sy_inner
+        DX_row = DX + row * V
+        t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
+                                          ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
+        # Ignored rows read nothing: an empty first walk, and masked loads in the second.
+        load_end = tl.where(active, V, 0)
+        m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, 0, load_end, n_classes, t, tw, active, smoothing,
+                                          softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC, "evict_last")
+        loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
+        tl.store(LOSS + row, to_store(loss, LOSS))
+        tl.store(LSE + row, lse)
+        tl.store(QSUM + row, qsum)
+        coef = grad_coef(lse, qsum, z_scale, active, valid, HAS_Z)
+        g = tl.where(active, scale, 0.0)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+            cmask = cols < V
+            x = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf"),
+                        eviction_policy="evict_first").to(ACC)
+            th = x
+            if SOFTCAP:
+                x, th = cap_logits(x, softcap)
+            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
+                            ACC, "evict_first")
+            dx = dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP)
+            tl.store(DX_row + cols, to_store(dx, DX), mask=cmask, cache_modifier=".cs")
