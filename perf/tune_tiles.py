@@ -11,9 +11,10 @@ tensor holds about 512 MiB (large enough that no row is split and the data is fa
 tile per (pass, element size, V) becomes a row of the table that xent_triton/launch_config.py reads
 (copy the written tiles.json to xent_triton/tiles.json and commit it with the card named in it). Results
 are also printed as % of the copy bandwidth measured in the same run, on the byte model of
-../shared/ANCHORS.md (forward 2NVb, backward 3NVb, hard-label step 2NVb). A "step" row records the best
-fused tile where the fused step beat the two kernels, and programs_per_sm 0 where it did not: with
-XENT_TRITON_FUSED_STEP=auto (the default) the fused step runs only where it won.
+../shared/ANCHORS.md (forward 2NVb, backward 3NVb, hard-label step 2NVb). A "step_hard" row records the
+best fused tile where the fused step beat the two kernels, and programs_per_sm 0 where it did not: with
+XENT_TRITON_FUSED_STEP=auto (the default) the fused step runs only where it won, for class indices (soft
+labels are not measured here, so they keep the two kernels).
 """
 import argparse
 import copy as copy_module
@@ -60,7 +61,7 @@ def main(argv=None):
     copy = copy_gbps(do_bench)
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {copy:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    table = {"forward": {}, "backward": {}, "step": {}}
+    table = {"forward": {}, "backward": {}, "step_hard": {}}
     lines = ["| dtype | V | pass | best tile | ms | % of copy | worst tile | worst % |", "|---|---|---|---|---|---|---|---|"]
     def time_point(name, dtype, V):
         """Every candidate tile of both passes at one (dtype, V); tensors are freed on return."""
@@ -118,6 +119,10 @@ def main(argv=None):
             finally:
                 lc.FORCE_STEP = None
         del os.environ[lc.FUSED_STEP_ENV]
+        if not timings:
+            print(f"  {name} V={V} step: no fused candidate ran; the two kernels stay", flush=True)
+            table["step_hard"].setdefault(str(b), []).append([V, 0, 0, 0])
+            return
         timings.sort()
         (ms, best), (worst_ms, worst) = timings[0], timings[-1]
         pct = {k: 2 * N * V * b / v / 1e6 / copy * 100 for k, v in (("two", two_kernel_ms), ("best", ms),
@@ -128,17 +133,20 @@ def main(argv=None):
         lines.append(f"| {name} | {V} | step (two kernels) | - | {two_kernel_ms:.3f} | {pct['two']:.0f} | - | - |")
         lines.append(f"| {name} | {V} | step (fused) | {best} | {ms:.3f} | {pct['best']:.0f} | {worst} | "
                      f"{pct['worst']:.0f} |")
-        table["step"].setdefault(str(b), []).append([V] + (list(best) if wins else [0, 0, 0]))
+        table["step_hard"].setdefault(str(b), []).append([V] + (list(best) if wins else [0, 0, 0]))
 
     def write_table():
         """Write tiles.json from what is measured so far (a run cut short still leaves a usable table).
 
-        Each measured V covers the classes up to the next measured V; the last one covers everything above.
+        A forward/backward tile measured at V covers the classes up to the next measured V, and the last
+        one everything above; a step row covers V and below only.
         """
         out = copy_module.deepcopy(table)
-        for by_size in out.values():
+        for pass_name, by_size in out.items():
             for rows in by_size.values():
                 rows.sort()
+                if pass_name.startswith("step"):
+                    continue  # a step row covers V downwards only (launch_config._measured_step)
                 for i in range(len(rows) - 1):
                     rows[i][0] = rows[i + 1][0] - 1
                 rows[-1][0] = 2**31 - 1

@@ -244,25 +244,61 @@ def test_opcheck_step_ops(backend, device):
 
 
 def test_auto_mode_follows_the_measured_table(monkeypatch):
-    """auto: only where tiles.json has a winning "step" row, on CUDA, with a row per program."""
+    """auto: only where tiles.json has a winning step row for the label kind, at or below its V, on CUDA,
+    with a row per program."""
     monkeypatch.setenv(launch_config.FUSED_STEP_ENV, "auto")
     monkeypatch.setattr(launch_config, "_sm_count", lambda *a: 132)
-    table = {"step": {2: [[65536, 4096, 16, 2], [2**31 - 1, 4096, 16, 0]]}}
+    table = {"step_hard": {2: [[32000, 2048, 8, 2], [128256, 0, 0, 0]]}}
     monkeypatch.setattr(launch_config, "measured_tiles", lambda: table)
     cuda = torch.device("cuda", 0)
     assert launch_config.use_fused_step(8192, 32000, 2, cuda)
-    assert not launch_config.use_fused_step(8192, 128256, 2, cuda)  # the two kernels won there
+    assert launch_config.use_fused_step(8192, 4096, 2, cuda)  # a win covers smaller rows
+    assert not launch_config.use_fused_step(8192, 50257, 2, cuda)  # the two kernels won at 128256
+    assert not launch_config.use_fused_step(8192, 256000, 2, cuda)  # above every measurement
+    assert not launch_config.use_fused_step(8192, 32000, 2, cuda, hard=False)  # soft labels: not measured
     assert not launch_config.use_fused_step(100, 32000, 2, cuda)  # fewer rows than 264 programs
     assert not launch_config.use_fused_step(8192, 32000, 4, cuda)  # no fp32 measurement
     assert not launch_config.use_fused_step(8192, 32000, 2, torch.device("cpu"))
     cfg = launch_config.step_launch(32000, 2, cuda)
-    assert (cfg.block, cfg.num_warps, cfg.programs) == (4096, 16, 264)
+    assert (cfg.block, cfg.num_warps, cfg.programs) == (2048, 8, 264)
     monkeypatch.setattr(launch_config, "measured_tiles", lambda: {})
     assert not launch_config.use_fused_step(8192, 32000, 2, cuda)
     monkeypatch.setenv(launch_config.FUSED_STEP_ENV, "0")
     assert not launch_config.use_fused_step(8192, 32000, 2, cuda)
     monkeypatch.setenv(launch_config.FUSED_STEP_ENV, "1")
     assert launch_config.use_fused_step(1, 32000, 2, cuda)
+
+
+def test_bad_mode_raises_on_every_call(backend, device, monkeypatch):
     monkeypatch.setenv(launch_config.FUSED_STEP_ENV, "yes")
-    with pytest.raises(ValueError, match="XENT_TRITON_FUSED_STEP must be one of .* got 'yes'"):
-        launch_config.use_fused_step(1, 32000, 2, cuda)
+    x = rand_logits((4, C), torch.float32, device)
+    t = torch.randint(0, C, (4,), device=device)
+    for call in (lambda: xent_triton.cross_entropy(x, t), lambda: xent_triton.cross_entropy(x, t, reduction="none")):
+        with pytest.raises(ValueError, match="XENT_TRITON_FUSED_STEP must be one of .* got 'yes'"):
+            call()
+    with torch.no_grad(), pytest.raises(ValueError, match="XENT_TRITON_FUSED_STEP"):
+        xent_triton.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+def test_not_taken_under_saved_tensor_hooks(backend, device, fused, hooks):
+    """Checkpointing frees saved tensors until the backward; a dlogits held by the fused step would not be."""
+    x = rand_logits((8, C), torch.float32, device)
+    t = torch.randint(0, C, (8,), device=device)
+    seen = []
+
+    def loss_fn(z):
+        loss = xent_triton.cross_entropy(z * 1.0, t)
+        seen.append(_uses_fused_step(loss))
+        return loss
+
+    if hooks == "checkpoint":
+        loss = torch.utils.checkpoint.checkpoint(loss_fn, x, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            loss = loss_fn(x)
+    loss.backward()
+    assert seen and not any(seen)
+    xr = x.detach().clone().requires_grad_()
+    F.cross_entropy(xr, t).backward()
+    close(x.grad, xr.grad, **tol(torch.float32))

@@ -36,7 +36,20 @@ SCRIPT = textwrap.dedent(r'''
                 sig[n] = int_type
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-        return len(k.asm["cubin"])
+        return len(k.asm["cubin"]), local_bytes(k.asm["cubin"])
+
+    def local_bytes(cubin):
+        """Per-thread local memory of the kernel (register spills), from cuobjdump; None if unavailable."""
+        import os, re, subprocess, tempfile
+        tool = os.path.join(os.path.dirname(triton.knobs.nvidia.ptxas.path), "cuobjdump")
+        if not os.path.exists(tool):
+            return None
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"LOCAL:(\d+)", out)
+        return int(m.group(1)) if m else None
 
     ACC = {"fp32": tl.float32, "fp64": tl.float64}
     cases = json.loads(sys.argv[1])
@@ -46,8 +59,8 @@ SCRIPT = textwrap.dedent(r'''
             consts["ACC"] = ACC[consts["ACC"]]
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
               "step": xent_step_kernel}[kind]
-        size = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
-        print("compiled", kind, size, flush=True)
+        size, local = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
+        print("compiled", kind, size, "local", local, flush=True)
 ''')
 
 
@@ -117,3 +130,6 @@ def test_kernel_compiles_for_sm90(name):
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("compiled") == len(CASES[name])
+    # No register spills (local memory); "None" where this triton ships no cuobjdump.
+    spills = [line for line in r.stdout.splitlines() if "local" in line and not line.endswith(("local 0", "local None"))]
+    assert not spills, spills

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xent_triton
+from xent_triton import launch_config
 from helpers import TOL, ref_soft
 
 EXAMPLES = int(os.environ.get("XENT_HYPOTHESIS_EXAMPLES", "25"))
@@ -136,11 +137,8 @@ def test_soft_api_property(backend, device, p, kind):
     assert_as_accurate_as_torch(gy, ry.to(loose), ry, loose)
 
 
-@SETTINGS
-@given(p=problems(), ignore_frac=st.sampled_from([0.0, 0.3]), smoothing=st.sampled_from([0.0, 0.1]),
-       weighted=st.booleans(), index_dtype=st.sampled_from([torch.int64, torch.int32]))
-def test_cross_entropy_property(backend, device, p, ignore_frac, smoothing, weighted, index_dtype):
-    # torch's class dim is 1 (0 for 1-D): move the drawn class axis there.
+def _class_dim_problem(p, device, ignore_frac, weighted, index_dtype):
+    """torch's layout of a drawn problem (class dim 1, or 0 for 1-D): (p, generator, logits, targets, weight)."""
     ax = p["axis"] % len(p["shape"])
     others = [s for i, s in enumerate(p["shape"]) if i != ax]
     shape = tuple(others[:1] + [p["shape"][ax]] + others[1:])
@@ -155,6 +153,14 @@ def test_cross_entropy_property(backend, device, p, ignore_frac, smoothing, weig
     picked = x0.gather(p["axis"], t.clamp(min=0).unsqueeze(p["axis"])).squeeze(p["axis"])
     t = torch.where(picked == float("-inf"), 0, t).to(index_dtype)
     w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device) if weighted else None
+    return p, gen, x0, t, w
+
+
+@SETTINGS
+@given(p=problems(), ignore_frac=st.sampled_from([0.0, 0.3]), smoothing=st.sampled_from([0.0, 0.1]),
+       weighted=st.booleans(), index_dtype=st.sampled_from([torch.int64, torch.int32]))
+def test_cross_entropy_property(backend, device, p, ignore_frac, smoothing, weighted, index_dtype):
+    p, gen, x0, t, w = _class_dim_problem(p, device, ignore_frac, weighted, index_dtype)
     x = _layout(x0, p["layout"], gen).requires_grad_()
     kw = dict(weight=w.to(p["dtype"]) if w is not None else None, label_smoothing=smoothing)
     out = xent_triton.cross_entropy(x, t, reduction="none", **kw)
@@ -177,3 +183,26 @@ def test_cross_entropy_property(backend, device, p, ignore_frac, smoothing, weig
     same_mean = F.cross_entropy(xs.detach(), t.long(), weight=w.to(xs.dtype) if w is not None else None,
                                 label_smoothing=smoothing).to(p["dtype"])
     assert_as_accurate_as_torch(mean, same_mean, ref_mean, p["dtype"])
+
+
+@settings(SETTINGS, max_examples=max(1, EXAMPLES // 2))
+@given(p=problems(), ignore_frac=st.sampled_from([0.0, 0.3]), smoothing=st.sampled_from([0.0, 0.1]),
+       weighted=st.booleans(), reduction=st.sampled_from(["mean", "sum"]), upstream=st.sampled_from([1.0, 0.5]))
+def test_fused_step_property(backend, device, monkeypatch, p, ignore_frac, smoothing, weighted, reduction, upstream):
+    """The fused step gives the two-kernel step's loss and dlogits: bit for bit on the CPU (same
+    formulas, same rounding; the two-kernel forward is kept from splitting rows, whose combined lse
+    differs in the last bits), within the dtype tolerance on a GPU."""
+    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 1)
+    p, gen, x0, t, w = _class_dim_problem(p, device, ignore_frac, weighted, torch.int64)
+    kw = dict(weight=w.to(p["dtype"]) if w is not None else None, label_smoothing=smoothing, reduction=reduction)
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("XENT_TRITON_FUSED_STEP", mode)
+        x = _layout(x0, p["layout"], gen).requires_grad_()
+        loss = xent_triton.cross_entropy(x, t, **kw)
+        (gx,) = torch.autograd.grad(loss * upstream, x)
+        results.append((loss.detach(), gx))
+    (l0, g0), (l1, g1) = results
+    exact = dict(rtol=0, atol=0) if device.type == "cpu" else TOL[p["dtype"]]
+    torch.testing.assert_close(l1, l0, equal_nan=True, **exact)
+    torch.testing.assert_close(g1, g0, equal_nan=True, **exact)

@@ -144,13 +144,25 @@ def _takes_fused_step(input, soft_target, n_rows, V, reduction, inplace_backward
     """The fused step (dlogits written by the forward) pays off only when the upstream gradient is
     known in advance (a reduced loss), and runs in eager mode only: a compiled graph gets the
     two custom ops, which it can schedule and capture freely."""
+    launch_config.fused_step_mode()  # a bad XENT_TRITON_FUSED_STEP raises on every call, not only here
     if reduction == "none" or inplace_backward or not (torch.is_grad_enabled() and input.requires_grad):
         return False
     if soft_target is not None and soft_target.requires_grad:
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
         return False
-    return launch_config.use_fused_step(n_rows, V, input.element_size(), input.device)
+    return launch_config.use_fused_step(n_rows, V, input.element_size(), input.device, hard=soft_target is None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Under activation checkpointing (non-reentrant) or ``save_on_cpu``, saved tensors are freed or
+    moved, but the fused step's dlogits is held on ctx, outside those hooks: it would stay on the
+    device for the whole forward, and a checkpoint's recompute would write it again for nothing.
+    torch has no public query; without the private one, assume hooks are active."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):
+        return True
 
 
 def _mean_denominator(n_rows, target, ignore_index, weight):

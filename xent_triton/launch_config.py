@@ -113,21 +113,24 @@ def fused_step_mode() -> str:
     return mode
 
 
-def _measured_step(n_cols, itemsize):
-    """[block, num_warps, programs_per_sm] of the tiles.json "step" row covering n_cols, or None.
+def _measured_step(n_cols, itemsize, hard: bool):
+    """[block, num_warps, programs_per_sm] of the tiles.json step row for n_cols, or None.
 
-    programs_per_sm == 0 records that the two-kernel step won at that size.
+    Rows live under "step_hard" / "step_soft". Unlike the forward/backward tiles, a step row covers
+    the class counts from the previous measured V up to its own V, never above: the fused step's
+    gain shrinks as rows outgrow L2, so a win measured at one V says nothing about a larger one.
+    programs_per_sm == 0 records that the two-kernel step won.
     """
-    for row in measured_tiles().get("step", {}).get(itemsize, []):
+    for row in measured_tiles().get("step_hard" if hard else "step_soft", {}).get(itemsize, []):
         if n_cols <= row[0]:
             return row[1:]
     return None
 
 
-def step_launch(n_cols, itemsize, device) -> StepLaunch:
+def step_launch(n_cols, itemsize, device, hard: bool = True) -> StepLaunch:
     """Launch of the fused step (kernels/xent_step.py): forced, measured, or a heuristic."""
     p2 = triton.next_power_of_2(max(n_cols, 1))
-    measured = _measured_step(n_cols, itemsize)
+    measured = _measured_step(n_cols, itemsize, hard)
     if FORCE_STEP is not None:
         block, warps, per_sm = FORCE_STEP
     elif measured is not None and measured[2] > 0:
@@ -142,17 +145,18 @@ def step_launch(n_cols, itemsize, device) -> StepLaunch:
                       programs=per_sm * _sm_count(device.type, device.index))
 
 
-def use_fused_step(n_rows, n_cols, itemsize, device) -> bool:
+def use_fused_step(n_rows, n_cols, itemsize, device, hard: bool = True) -> bool:
     """Whether a training step should take the fused step instead of the two kernels.
 
     ``auto`` takes it only where perf/tune_tiles.py measured it ahead of the two kernels on this
-    kind of GPU (a "step" row of tiles.json with programs_per_sm > 0), and only with enough rows
-    to give every persistent program one: the fused step cannot split a row.
+    kind of GPU, for this label kind (a "step_hard"/"step_soft" row of tiles.json with
+    programs_per_sm > 0), and only with enough rows to give every persistent program one: the
+    fused step cannot split a row.
     """
     mode = fused_step_mode()
     if mode != "auto":
         return mode == "1"
-    measured = _measured_step(n_cols, itemsize)
+    measured = _measured_step(n_cols, itemsize, hard)
     if device.type != "cuda" or measured is None or measured[2] <= 0:
         return False
-    return n_rows >= step_launch(n_cols, itemsize, device).programs
+    return n_rows >= step_launch(n_cols, itemsize, device, hard).programs

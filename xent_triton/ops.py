@@ -8,7 +8,8 @@ traces them without a graph break, and both pick their backend (Triton or the
 torch fallback) at run time, inside the op.
 
 Saved for backward: the inputs themselves and the O(rows) statistics, never
-an N x V intermediate.
+an N x V intermediate (the fused step's dlogits, written by its forward, is
+the gradient itself, which the backward hands on).
 """
 from typing import Optional, Tuple
 

@@ -202,13 +202,12 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
                 dy = dy * rows.weight.to(rows.acc)
             _write_rows(dy3, rows, r0, r1, dy)
         if dx3 is not None:
-            if redo is not None and not bool(redo[r0:r1].any()):
-                continue
             target = _Target(rows, y, r0, r1, ignore_index, smoothing)
             if target.active is not None:
                 g = torch.where(target.active, g, 0.0)
             coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, target.active)
             dx = _dlogits(x, th, target, lse[r0:r1], coef, g, softcap)
             if redo is not None:
+                # Selected, not branched on: deciding per chunk would be a host sync on CUDA.
                 dx = torch.where(redo[r0:r1, None], dx, _read_rows(dx3, rows, r0, r1))
             _write_rows(dx3, rows, r0, r1, dx)

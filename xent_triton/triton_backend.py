@@ -97,7 +97,7 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     loss, lse, qsum = _row_outputs(rows, loss_dtype)
     if n == 0:
         return loss, lse, qsum
-    cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device)
+    cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device, rows.target is not None)
     y, t, st_outer, st_inner, w = _operands(rows)
     xent_step_kernel[(min(n, cfg.programs),)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, scale,
