@@ -11,6 +11,23 @@ from .row_math import f64_param, finalize_row, load_logits, row_target, target_m
 
 
 @triton.jit
+def _online_max_sumexp(m, s, x):
+    """One block of the online softmax: (new max, new sum of exp, shift = old max - new max).
+
+    s == 0 means no finite logit yet (the max itself adds exp(0) = 1). Until then
+    m stays 0, so exp(x - m) never computes -inf - (-inf).
+    """
+    bmax = tl.max(x, axis=0)
+    m_new = tl.where(s == 0, bmax, tl.maximum(m, bmax))
+    m_new = tl.where(m_new == float("-inf"), m, m_new)
+    # Nothing accumulated yet (s == 0): no rescale. exp(m - m_new) could be
+    # inf for a very negative first max, and 0 * inf is NaN.
+    shift = tl.where(s == 0, 0.0, m - m_new)
+    s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new), axis=0)
+    return m_new, s, shift
+
+
+@triton.jit
 def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
                  HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                  SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
@@ -23,31 +40,39 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
     """
     m = tl.zeros([], ACC)
     s = tl.zeros([], ACC)
-    d = tl.zeros([BLOCK], ACC)
-    qsum = tl.zeros([BLOCK], ACC)
-    nnz = tl.zeros([BLOCK], ACC)
-    for start in range(col_begin, col_end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        cmask = cols < col_end
-        x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC, EVICT)
-        q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC,
-                        EVICT)
-        # s == 0 means no finite logit yet (the max itself adds exp(0) = 1).
-        # Until then m stays 0, so exp(x - m) never computes -inf - (-inf).
-        bmax = tl.max(x, axis=0)
-        m_new = tl.where(s == 0, bmax, tl.maximum(m, bmax))
-        m_new = tl.where(m_new == float("-inf"), m, m_new)
-        # Nothing accumulated yet (s == 0): no rescale. exp(m - m_new) could be
-        # inf for a very negative first max, and 0 * inf is NaN; d is then 0 or
-        # -inf (label mass on -inf logits), which a shift leaves as it is.
-        shift = tl.where(s == 0, 0.0, m - m_new)
-        s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new), axis=0)
-        # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
-        d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
-        qsum += q
-        nnz += tl.where(q != 0, 1.0, 0.0)
-        m = m_new
-    return m, s, tl.sum(d, axis=0), tl.sum(qsum, axis=0), tl.sum(nnz, axis=0)
+    if HARD and not SMOOTH:
+        # q is nonzero in the target column only: the loop keeps no label state at all
+        # (fewer registers and instructions), and the target logit is read once after it.
+        for start in range(col_begin, col_end, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = load_logits(X_row + cols, cols < col_end, softcap, SOFTCAP, ACC, EVICT)
+            m, s, _ = _online_max_sumexp(m, s, x)
+        mine = (t >= col_begin) & (t < col_end) & (tw != 0)
+        x_t = load_logits(X_row + tl.where(mine, t, 0), mine, softcap, SOFTCAP, ACC, EVICT)
+        d_row = tl.where(mine, tw * (x_t - m), 0.0)
+        qsum_row = tl.where(mine, tw, 0.0)
+        nnz_row = tl.where(mine, 1.0, 0.0)
+    else:
+        d = tl.zeros([BLOCK], ACC)
+        qsum = tl.zeros([BLOCK], ACC)
+        nnz = tl.zeros([BLOCK], ACC)
+        for start in range(col_begin, col_end, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            cmask = cols < col_end
+            x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC, EVICT)
+            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
+                            ACC, EVICT)
+            m_new, s, shift = _online_max_sumexp(m, s, x)
+            # d is 0 or -inf (label mass on -inf logits) while s == 0, which the zero shift leaves as it is.
+            # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
+            d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
+            qsum += q
+            nnz += tl.where(q != 0, 1.0, 0.0)
+            m = m_new
+        d_row = tl.sum(d, axis=0)
+        qsum_row = tl.sum(qsum, axis=0)
+        nnz_row = tl.sum(nnz, axis=0)
+    return m, s, d_row, qsum_row, nnz_row
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine call: install, environment, tests on CUDA, benchmark sweep.
 #
-#   bash perf/gpu_check.sh              # tests + `python3 -m perf.sweep --quick`  (~8 min at most: fits one 600 s call)
+#   bash perf/gpu_check.sh              # tests + `python3 -m perf.sweep --quick`  (~9.5 min at most: fits one 600 s call)
 #   bash perf/gpu_check.sh --full       # tests + the default sweep (the sweep alone takes < 8 min: add --no-tests
 #                                       # to fit one 600 s call)
 #   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
@@ -9,7 +9,7 @@
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
-#   PYTEST_TIMEOUT_S (default 240), SWEEP_TIMEOUT_S (default 230 quick / 520 full),
+#   PYTEST_TIMEOUT_S (default 300), SWEEP_TIMEOUT_S (default 230 quick / 520 full),
 #   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16").
 # Writes into $OUT (the device tool returns at most 8 files): pytest.log, sweep.log, and from the sweep
 # sweep.csv, sweep.md, log.txt, pct_of_copy.png, speedup_vs_compile.png.
@@ -84,7 +84,7 @@ EOF
 # ---------------------------------------------------------------- (c) tests on CUDA
 TEST_RC=-1
 if [ "$RUN_TESTS" = 1 ]; then
-  say "pytest on CUDA (TRITON_INTERPRET and XENT_TRITON_BACKEND unset), timeout ${PYTEST_TIMEOUT_S:-240}s"
+  say "pytest on CUDA (TRITON_INTERPRET and XENT_TRITON_BACKEND unset), timeout ${PYTEST_TIMEOUT_S:-300}s"
   if ! compgen -G "tests/*.py" > /dev/null && ! compgen -G "tests/**/*.py" > /dev/null; then
     say "WARNING: tests/ holds no .py files"
   fi
@@ -92,13 +92,13 @@ if [ "$RUN_TESTS" = 1 ]; then
   # pytest-xdist is there (the device image has it), so the suite fits the time limit.
   XDIST=()
   if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${PYTEST_WORKERS:-8}"); fi
-  timeout -k 10 "${PYTEST_TIMEOUT_S:-240}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m pytest -x -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests 2>&1 | tee "$OUT/pytest.log"
+  timeout -k 10 "${PYTEST_TIMEOUT_S:-300}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m pytest -q -rfE --maxfail=25 --durations=10 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests 2>&1 | tee "$OUT/pytest.log"
   TEST_RC=${PIPESTATUS[0]}
   case "$TEST_RC" in
     0) say "pytest: passed" ;;
     5) say "pytest: NO TESTS COLLECTED (rc 5)" ;;
-    124|137) say "pytest: TIMED OUT after ${PYTEST_TIMEOUT_S:-240}s (rc $TEST_RC)" ;;
+    124|137) say "pytest: TIMED OUT after ${PYTEST_TIMEOUT_S:-300}s (rc $TEST_RC)" ;;
     *) say "pytest: FAILED (rc $TEST_RC)" ;;
   esac
 fi
