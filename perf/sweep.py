@@ -506,6 +506,9 @@ def _launch_note(N: int, V: int, b: int, device: torch.device, method: str) -> s
         if method == "xent_triton_fused":
             s = lc.step_launch(V, b, device)
             return f"fused step BLOCK={s.block} warps={s.num_warps} programs={s.programs}"
+        r = lc.rows_launch(N, V, device)
+        if r is not None:
+            return f"row tiles: {r.rows} rows x BLOCK={r.block} per program, warps={r.num_warps}"
         f = lc.forward_launch(N, V, b, device)
         g = lc.backward_launch(N, V, b, device)
         return (f"fwd BLOCK={f.block} warps={f.num_warps} split={f.split}; "

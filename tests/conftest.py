@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import xent_triton  # noqa: E402,F401
-from xent_triton import _alloc  # noqa: E402
+from xent_triton import _alloc, launch_config  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"]
@@ -47,3 +47,12 @@ def poison_outputs(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["one_row", "row_tiles"])
+def row_kernels(request, monkeypatch):
+    """Short rows on the one-row-per-program kernels, and on the row-tile kernels (kernels/xent_rows.py)
+    with as many rows per program as the tile holds, so that tail rows past the batch are exercised too.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("row_kernels")``."""
+    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1 if request.param == "one_row" else "max")
+    return request.param

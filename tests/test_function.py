@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import xent_triton
 from helpers import close, rand_logits, rand_probs
 
+pytestmark = pytest.mark.usefixtures("row_kernels")
+
 F64 = dict(rtol=1e-10, atol=1e-10)
 
 

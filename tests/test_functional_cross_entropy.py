@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import xent_triton
 from helpers import close, rand_logits, tol
 
+pytestmark = pytest.mark.usefixtures("row_kernels")
+
 C = 11
 F64 = dict(rtol=1e-10, atol=1e-10)
 

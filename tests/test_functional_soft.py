@@ -8,6 +8,8 @@ import xent_triton
 from helpers import close, grads, rand_logits, rand_probs, ref_soft, tol
 from xent_triton import softmax_cross_entropy_with_logits as sce
 
+pytestmark = pytest.mark.usefixtures("row_kernels")
+
 
 def check_soft(labels, logits, axis, backend_dtype_tol=None):
     """Loss, dlogits and (if wanted) dlabels against the float64 reference."""

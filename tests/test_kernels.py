@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent(r'''
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from xent_triton.kernels import xent_forward_kernel, xent_combine_kernel, xent_backward_kernel, xent_step_kernel
+    from xent_triton.kernels import (xent_forward_kernel, xent_combine_kernel, xent_backward_kernel, xent_step_kernel,
+                                    xent_rows_forward_kernel, xent_rows_backward_kernel)
 
     FLOATS = {"smoothing", "smoothing_lo", "z_scale", "z_scale_lo", "softcap", "softcap_lo"}
 
@@ -58,7 +59,8 @@ SCRIPT = textwrap.dedent(r'''
         if "ACC" in consts:
             consts["ACC"] = ACC[consts["ACC"]]
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
-              "step": xent_step_kernel}[kind]
+              "step": xent_step_kernel, "rows_fwd": xent_rows_forward_kernel,
+              "rows_bwd": xent_rows_backward_kernel}[kind]
         size, local = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
         print("compiled", kind, size, "local", local, flush=True)
 ''')
@@ -87,6 +89,16 @@ def _step(x, y, acc, hard, extras, block=4096, warps=16):
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
+def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False):
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
+                G="*fp32", DX=f"*{x}", DY=f"*{y}")
+    consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, ROWS=rows,
+                  BLOCK=block, ACC=acc)
+    if kind == "rows_bwd":
+        consts.update(NEED_DX=True, NEED_DY=need_dy)
+    return dict(kind=kind, ptrs=ptrs, consts=consts, warps=warps)
+
+
 CASES = {
     "forward_soft_bf16": [_fwd("bf16", "bf16", "fp32", False, False)],
     "forward_soft_mixed_all_features": [_fwd("fp16", "fp32", "fp32", False, True, ints="i64")],
@@ -105,6 +117,13 @@ CASES = {
     "backward_fp64": [_bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4)],
     "backward_after_fused_step": [_bwd("bf16", "bf16", "fp32", True, True, False, skip=True)],
     "fused_step_hard_bf16": [_step("bf16", "bf16", "fp32", True, False)],
+    "row_tiles_soft_bf16": [_rows("rows_fwd", "bf16", "bf16", "fp32", False, False, 4, 1024, 8),
+                            _rows("rows_bwd", "bf16", "bf16", "fp32", False, False, 4, 1024, 8)],
+    "row_tiles_hard_all_features": [_rows("rows_fwd", "bf16", "bf16", "fp32", True, True, 32, 128, 8),
+                                    _rows("rows_bwd", "bf16", "bf16", "fp32", True, True, 32, 128, 8)],
+    "row_tiles_tiny_v_and_dlabels": [_rows("rows_fwd", "fp32", "fp16", "fp32", False, True, 128, 2, 1),
+                                     _rows("rows_bwd", "fp32", "fp16", "fp32", False, True, 128, 2, 1, True),
+                                     _rows("rows_fwd", "fp64", "fp64", "fp64", True, True, 16, 64, 2)],
     "fused_step_soft_all_features": [_step("bf16", "fp32", "fp32", False, True, block=2048)],
     "fused_step_hard_all_features_fp64": [_step("fp64", "fp64", "fp64", True, True, block=512, warps=4)],
 }

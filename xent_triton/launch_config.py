@@ -29,6 +29,7 @@ _INTERPRETER_SMS = 4
 FORCE_SPLIT = None  # tests only: force the forward split factor
 FORCE_TILE = None  # perf/tune_tiles.py only: (block, num_warps) for every launch
 FORCE_STEP = None  # perf/tune_tiles.py only: (block, num_warps, programs_per_sm) of the fused step
+FORCE_ROWS = None  # tests only: rows per program of the short-row kernels (1: never use them; "max": cap only)
 FUSED_STEP_ENV = "XENT_TRITON_FUSED_STEP"
 # Persistent programs per SM of the fused step: few, so that programs x row bytes fit in L2.
 _STEP_PROGRAMS_PER_SM = 2
@@ -87,6 +88,41 @@ def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
             split = max(1, min(triton.cdiv(want, max(n_rows, 1)), triton.cdiv(n_cols, 4 * block), _MAX_SPLIT))
     cols = triton.cdiv(triton.cdiv(n_cols, split), block) * block
     return Launch(block=block, num_warps=num_warps, split=triton.cdiv(n_cols, cols), cols_per_prog=cols)
+
+
+# Short rows (kernels/xent_rows.py): V up to this many classes is loaded as whole rows, ROWS at a time,
+# in tiles of about _ROWS_TILE elements (8 KB of bf16: the per-row kernels' best tiles move 2-4 KB per
+# load, and a short-row program makes only one).
+_ROWS_MAX_V = 2048
+_ROWS_TILE = 4096
+_ROWS_MAX = 256
+
+
+@dataclass(frozen=True)
+class RowsLaunch:
+    rows: int  # rows per program (a power of 2)
+    block: int  # >= V
+    num_warps: int
+
+
+def rows_launch(n_rows, n_cols, device) -> Optional[RowsLaunch]:
+    """Launch of the short-row kernels, or None where a row per program (or a split row) is the better fit.
+
+    They need V <= _ROWS_MAX_V, and enough rows that each of 2 x SMs programs gets at least two:
+    with fewer rows, more programs (one row each) keep more SMs busy.
+    """
+    if n_cols > _ROWS_MAX_V or FORCE_ROWS == 1:
+        return None
+    block = triton.next_power_of_2(max(n_cols, 1))
+    rows = min(_ROWS_MAX, max(1, _ROWS_TILE // block))
+    if FORCE_ROWS is None:
+        per_program = n_rows // (_PROGRAMS_PER_SM * _sm_count(device.type, device.index))
+        rows = min(rows, 1 << (max(per_program, 1).bit_length() - 1))
+    elif FORCE_ROWS != "max":
+        rows = FORCE_ROWS
+    if rows < 2:
+        return None
+    return RowsLaunch(rows=rows, block=block, num_warps=max(1, min(8, rows * block // 512)))
 
 
 def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:

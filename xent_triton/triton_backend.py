@@ -11,7 +11,8 @@ import triton.language as tl
 
 from . import launch_config
 from ._alloc import new_output
-from .kernels import xent_backward_kernel, xent_combine_kernel, xent_forward_kernel, xent_step_kernel
+from .kernels import (xent_backward_kernel, xent_combine_kernel, xent_forward_kernel, xent_rows_backward_kernel,
+                      xent_rows_forward_kernel, xent_step_kernel)
 from .layout import Rows
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -64,9 +65,18 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     loss, lse, qsum = _row_outputs(rows, loss_dtype)
     if n == 0:
         return loss, lse, qsum
-    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev)
     flags = _flags(rows, smoothing, softcap)
     y, t, st_outer, st_inner, w = _operands(rows)
+    short = launch_config.rows_launch(n, V, dev)
+    if short is not None:
+        xent_rows_forward_kernel[(triton.cdiv(n, short.rows),)](
+            rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, loss, lse, qsum,
+            n, rows.n_inner, V, rows.n_classes, rows.class_offset,
+            ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
+            ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
+        )
+        return loss, lse, qsum
+    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev)
     part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
     xent_forward_kernel[(n, cfg.split)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
@@ -121,10 +131,24 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     n, V = rows.n_rows, rows.n_cols
     if n == 0:
         return
-    cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), rows.logits.device)
     g = grad.reshape(n)
     y, t, st_outer, st_inner, w = _operands(rows)
     dx_strides = _row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)
+    # After a fused step (skip_scale) the per-row kernel runs: it skips whole rows.
+    short = launch_config.rows_launch(n, V, rows.logits.device) if skip_scale is None else None
+    if short is not None:
+        xent_rows_backward_kernel[(triton.cdiv(n, short.rows),)](
+            rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
+            g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
+            dx_buf if dx_buf is not None else rows.logits, *dx_strides,
+            dy_buf if dy_buf is not None else rows.logits,
+            n, rows.n_inner, V, rows.n_classes, rows.class_offset, ignore_index,
+            *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
+            NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None,
+            ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **_flags(rows, smoothing, softcap),
+        )
+        return
+    cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), rows.logits.device)
     xent_backward_kernel[(n, cfg.split)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
         g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
