@@ -6,8 +6,8 @@ kernel below torch eager at 131072 x 128 and 32768 x 1024. Here every program mo
 (a few KB) in one load per thread, and N / ROWS programs are launched. The math and row rules are those
 of the per-row kernels (row_math.py); the single tile needs no online rescaling.
 
-Tail rows past n_rows re-read the last row (the row index is clamped) so that no load needs a row mask;
-their stores are masked.
+Tail rows past n_rows count as ignored rows: their per-row scalars (class index, upstream gradient,
+lse) are read at the last row's index, clamped, and their tile loads and all their stores are masked.
 """
 import triton
 import triton.language as tl

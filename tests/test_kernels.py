@@ -37,20 +37,20 @@ SCRIPT = textwrap.dedent(r'''
                 sig[n] = int_type
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-        return len(k.asm["cubin"]), local_bytes(k.asm["cubin"])
+        return len(k.asm["cubin"]), *resources(k.asm["cubin"])
 
-    def local_bytes(cubin):
-        """Per-thread local memory of the kernel (register spills), from cuobjdump; None if unavailable."""
+    def resources(cubin):
+        """(local memory bytes, registers) per thread from cuobjdump; (None, None) where it is unavailable."""
         import os, re, subprocess, tempfile
         tool = os.path.join(os.path.dirname(triton.knobs.nvidia.ptxas.path), "cuobjdump")
         if not os.path.exists(tool):
-            return None
+            return None, None
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
             out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"LOCAL:(\d+)", out)
-        return int(m.group(1)) if m else None
+        local, regs = re.search(r"LOCAL:(\d+)", out), re.search(r"REG:(\d+)", out)
+        return (int(local.group(1)) if local else None), (int(regs.group(1)) if regs else None)
 
     ACC = {"fp32": tl.float32, "fp64": tl.float64}
     cases = json.loads(sys.argv[1])
@@ -61,8 +61,8 @@ SCRIPT = textwrap.dedent(r'''
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
               "step": xent_step_kernel, "rows_fwd": xent_rows_forward_kernel,
               "rows_bwd": xent_rows_backward_kernel}[kind]
-        size, local = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
-        print("compiled", kind, size, "local", local, flush=True)
+        size, local, regs = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
+        print("compiled", kind, size, "regs", regs, "max", case.get("max_regs"), "local", local, flush=True)
 ''')
 
 
@@ -89,14 +89,14 @@ def _step(x, y, acc, hard, extras, block=4096, warps=16):
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
-def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False):
+def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False, max_regs=128):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
                 G="*fp32", DX=f"*{x}", DY=f"*{y}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, ROWS=rows,
                   BLOCK=block, ACC=acc)
     if kind == "rows_bwd":
         consts.update(NEED_DX=True, NEED_DY=need_dy)
-    return dict(kind=kind, ptrs=ptrs, consts=consts, warps=warps)
+    return dict(kind=kind, ptrs=ptrs, consts=consts, warps=warps, max_regs=max_regs)
 
 
 CASES = {
@@ -117,13 +117,16 @@ CASES = {
     "backward_fp64": [_bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4)],
     "backward_after_fused_step": [_bwd("bf16", "bf16", "fp32", True, True, False, skip=True)],
     "fused_step_hard_bf16": [_step("bf16", "bf16", "fp32", True, False)],
-    "row_tiles_soft_bf16": [_rows("rows_fwd", "bf16", "bf16", "fp32", False, False, 4, 1024, 8),
-                            _rows("rows_bwd", "bf16", "bf16", "fp32", False, False, 4, 1024, 8)],
-    "row_tiles_hard_all_features": [_rows("rows_fwd", "bf16", "bf16", "fp32", True, True, 32, 128, 8),
-                                    _rows("rows_bwd", "bf16", "bf16", "fp32", True, True, 32, 128, 8)],
-    "row_tiles_tiny_v_and_dlabels": [_rows("rows_fwd", "fp32", "fp16", "fp32", False, True, 128, 2, 1),
-                                     _rows("rows_bwd", "fp32", "fp16", "fp32", False, True, 128, 2, 1, True),
-                                     _rows("rows_fwd", "fp64", "fp64", "fp64", True, True, 16, 64, 2)],
+    # The tiles launch_config.rows_launch picks: 2 x 1024 (V = 1000), 16 x 128, 128 x 2, all with 4 elements
+    # per thread; fp64 with every feature is the heaviest.
+    "row_tiles_soft_bf16": [_rows("rows_fwd", "bf16", "bf16", "fp32", False, False, 2, 1024, 16),
+                            _rows("rows_bwd", "bf16", "bf16", "fp32", False, False, 2, 1024, 16)],
+    "row_tiles_hard_all_features": [_rows("rows_fwd", "bf16", "bf16", "fp32", True, True, 16, 128, 16),
+                                    _rows("rows_bwd", "bf16", "bf16", "fp32", True, True, 16, 128, 16)],
+    "row_tiles_tiny_v_and_dlabels": [_rows("rows_fwd", "fp32", "fp16", "fp32", False, True, 128, 2, 2),
+                                     _rows("rows_bwd", "fp32", "fp16", "fp32", False, True, 128, 2, 2, True),
+                                     _rows("rows_bwd", "fp64", "fp64", "fp64", True, True, 128, 16, 16,
+                                           max_regs=255)],
     "fused_step_soft_all_features": [_step("bf16", "fp32", "fp32", False, True, block=2048)],
     "fused_step_hard_all_features_fp64": [_step("fp64", "fp64", "fp64", True, True, block=512, warps=4)],
 }
@@ -152,3 +155,8 @@ def test_kernel_compiles_for_sm90(name):
     # No register spills (local memory); "None" where this triton ships no cuobjdump.
     spills = [line for line in r.stdout.splitlines() if "local" in line and not line.endswith(("local 0", "local None"))]
     assert not spills, spills
+    # Register budgets (cases that set max_regs): more would cut the programs resident per SM.
+    for line in r.stdout.splitlines():
+        words = line.split()
+        regs, limit = words[words.index("regs") + 1], words[words.index("max") + 1]
+        assert limit == "None" or regs == "None" or int(regs) <= int(limit), line

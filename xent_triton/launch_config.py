@@ -91,10 +91,12 @@ def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
 
 
 # Short rows (kernels/xent_rows.py): V up to this many classes is loaded as whole rows, ROWS at a time,
-# in tiles of about _ROWS_TILE elements (8 KB of bf16: the per-row kernels' best tiles move 2-4 KB per
-# load, and a short-row program makes only one).
-_ROWS_MAX_V = 2048
-_ROWS_TILE = 4096
+# in tiles of _ROWS_TILE elements, 4 per thread. Registers per thread of the backward (sm_90 cubin):
+# 16 elements per thread took 146-254 for tiles of many short rows (32 x 128: 242); 8 per thread still
+# 126 (16 x 128) and 220 (128 x 2, soft labels with dlabels); 4 per thread 64 and 66.
+_ROWS_MAX_V = 1024
+_ROWS_TILE = 2048
+_ROWS_PER_THREAD = 4
 _ROWS_MAX = 256
 
 
@@ -122,7 +124,7 @@ def rows_launch(n_rows, n_cols, device) -> Optional[RowsLaunch]:
         rows = FORCE_ROWS
     if rows < 2:
         return None
-    return RowsLaunch(rows=rows, block=block, num_warps=max(1, min(8, rows * block // 512)))
+    return RowsLaunch(rows=rows, block=block, num_warps=max(1, min(16, rows * block // (32 * _ROWS_PER_THREAD))))
 
 
 def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
