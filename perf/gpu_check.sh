@@ -89,9 +89,10 @@ if [ "$RUN_TESTS" = 1 ]; then
     say "WARNING: tests/ holds no .py files"
   fi
   # Each feature/dtype combination is a separate Triton compile: spread them over processes when
-  # pytest-xdist is there (the device image has it), so the suite fits the time limit.
+  # pytest-xdist is there (the device image has it), so the suite fits the time limit: the CPU run
+  # launches ~460 distinct kernel specializations (2026-11-26), each a compile on a GPU.
   XDIST=()
-  if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${PYTEST_WORKERS:-8}"); fi
+  if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${PYTEST_WORKERS:-12}"); fi
   timeout -k 10 "${PYTEST_TIMEOUT_S:-300}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
     python3 -m pytest -q -rfE --maxfail=25 --durations=10 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests 2>&1 | tee "$OUT/pytest.log"
   TEST_RC=${PIPESTATUS[0]}

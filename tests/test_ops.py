@@ -101,11 +101,14 @@ def test_autocast_keeps_half_logits(backend, device):
 
 
 @cuda_only
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("fused_step", ["0", "1"])
+@pytest.mark.parametrize("shape", [(64, 5000), (2048, 100)])  # split rows; row tiles
+def test_cuda_graph_capture_and_replay(monkeypatch, shape, fused_step):
+    monkeypatch.setenv("XENT_TRITON_FUSED_STEP", fused_step)
     dev = torch.device("cuda")
-    x = rand_logits((64, 5000), torch.bfloat16, dev, requires_grad=False)
-    t = torch.randint(0, 5000, (64,), device=dev)
-    y = rand_probs((64, 5000), torch.bfloat16, dev)
+    x = rand_logits(shape, torch.bfloat16, dev, requires_grad=False)
+    t = torch.randint(0, shape[1], shape[:1], device=dev)
+    y = rand_probs(shape, torch.bfloat16, dev)
     static_x = x.clone().requires_grad_()
 
     def step():
@@ -124,7 +127,7 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         static_loss, static_g = step()
     for _ in range(2):
-        new = rand_logits((64, 5000), torch.bfloat16, dev, requires_grad=False)
+        new = rand_logits(shape, torch.bfloat16, dev, requires_grad=False)
         with torch.no_grad():
             static_x.copy_(new)
         graph.replay()
