@@ -23,7 +23,7 @@ def xent_backward_kernel(
     G, sg_outer, sg_inner,
     LSE, QSUM,
     DX, sdx_outer, sdx_inner,
-    DY, S,
+    DY, S, WROTE, POLICY,
     n_inner, V, n_classes, class_offset, cols_per_prog,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -37,9 +37,10 @@ def xent_backward_kernel(
     LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
     shard they are the global (all-shard) values.
 
-    SKIP_SCALED (after xent_step_kernel): DX already holds the gradient for an
-    upstream gradient equal to the scalar S. Rows whose G equals S are left
-    as they are, reading and writing nothing; the others are recomputed.
+    SKIP_SCALED (after xent_step_kernel): if WROTE[0] != 0, DX already holds the
+    gradient for an upstream gradient equal to the scalar S. Rows whose G equals
+    S are then left as they are, reading and writing nothing; the others are
+    recomputed, and clear the step's POLICY flag (see xent_step.py).
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
@@ -56,7 +57,11 @@ def xent_backward_kernel(
     col_begin = part * cols_per_prog
     col_end = tl.minimum(col_begin + cols_per_prog, V)
     if SKIP_SCALED:
-        col_end = tl.where(g == tl.load(S).to(ACC), col_begin, col_end)
+        wrote = tl.load(WROTE) != 0
+        expected = g == tl.load(S).to(ACC)
+        # Every program that stores here stores the same 0: the order does not matter.
+        tl.store(POLICY, tl.zeros([], tl.int32), mask=wrote & (~expected))
+        col_end = tl.where(wrote & expected, col_begin, col_end)
     g = tl.where(active, g, 0.0)
     lse = tl.load(LSE + row).to(ACC)
     coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)

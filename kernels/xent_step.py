@@ -16,7 +16,11 @@ The upstream gradient is not known yet, so dlogits is written for an assumed
 scalar S (1 for reduction="sum", 1/denominator for "mean"). The backward
 kernel (SKIP_SCALED) leaves the rows whose gradient turned out to be S and
 recomputes the others, so a different scale (a GradScaler, a loss divided for
-gradient accumulation) is still exact, at the two-kernel price plus one write.
+gradient accumulation) is still exact. Such a backward also clears POLICY, a
+flag kept on the device: from then on the forward skips the second walk
+(WROTE records that for its backward, which recomputes every row), so a
+training loop whose loss is always scaled pays the two-kernel price, not that
+plus a wasted write, and no host ever reads the flag.
 """
 import triton
 import triton.language as tl
@@ -31,7 +35,7 @@ def xent_step_kernel(
     X, sx_outer, sx_inner,
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
-    W, S,
+    W, S, POLICY, WROTE,
     LOSS, LSE, QSUM, DX,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
@@ -41,13 +45,16 @@ def xent_step_kernel(
     """Loss, lse, sum(q) and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
 
     Addressing and row rules are those of xent_forward_kernel (SPLIT == 1) and
-    xent_backward_kernel; DX is contiguous (n_rows, V).
+    xent_backward_kernel; DX is contiguous (n_rows, V). dlogits is written only
+    while POLICY[0] != 0; WROTE[0] records whether it was.
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
     softcap = f64_param(softcap, softcap_lo, ACC)
     scale = tl.load(S).to(ACC)
-    n_blocks = tl.cdiv(V, BLOCK)
+    enabled = tl.load(POLICY)
+    tl.store(WROTE, enabled, mask=tl.program_id(0) == 0)
+    n_blocks = tl.where(enabled != 0, tl.cdiv(V, BLOCK), 0)
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.zeros([], tl.int64) + r  # int64 offsets; also under the interpreter, where r is an int
         outer = row // n_inner

@@ -49,6 +49,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_step_policy():
+    """Each test starts with the fused step writing dlogits in its forward (kernels/xent_step.py)."""
+    import sys
+
+    tb = sys.modules.get("xent_triton.triton_backend")
+    if tb is not None:
+        tb.reset_step_policy()
+
+
 @pytest.fixture(params=["one_row", "row_tiles"])
 def row_kernels(request, monkeypatch):
     """Short rows on the one-row-per-program kernels, and on the row-tile kernels (kernels/xent_rows.py)

@@ -236,11 +236,12 @@ def test_opcheck_step_ops(backend, device):
     t = torch.tensor([1, -100, 8, 0], device=device)
     s = torch.full((), 0.5, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.xent_triton.step.default, (x.detach(), y, None, None, 1, -100, 0.1, 0.01, 0.0, False, s))
-    loss, lse, qsum, dx = torch.ops.xent_triton.step(x.detach(), None, t, None, 1, -100, 0.0, 0.0, 3.0, True, s)
+    loss, lse, qsum, dx, written = torch.ops.xent_triton.step(x.detach(), None, t, None, 1, -100, 0.0, 0.0, 3.0,
+                                                               True, s)
     g = torch.full((4,), 0.5, dtype=torch.float64, device=device)
     g[2] = 2.0
     torch.library.opcheck(torch.ops.xent_triton.backward_scaled.default,
-                          (g, x.detach(), None, t, None, lse, qsum, s, dx.clone(), 1, -100, 0.0, 0.0, 3.0))
+                          (g, x.detach(), None, t, None, lse, qsum, s, written, dx.clone(), 1, -100, 0.0, 0.0, 3.0))
 
 
 def test_auto_mode_follows_the_measured_table(monkeypatch):
@@ -302,3 +303,47 @@ def test_not_taken_under_saved_tensor_hooks(backend, device, fused, hooks):
     xr = x.detach().clone().requires_grad_()
     F.cross_entropy(xr, t).backward()
     close(x.grad, xr.grad, **tol(torch.float32))
+
+
+def _fused_node(loss):
+    """The FusedStepCrossEntropy backward node (its ctx) behind ``loss``."""
+    todo = [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None:
+            continue
+        if type(fn).__name__.startswith(FusedStepCrossEntropy.__name__):
+            return fn
+        todo.extend(f for f, _ in fn.next_functions)
+    raise AssertionError("no fused step in the graph")
+
+
+def test_scaled_loss_turns_the_forward_write_off(device, monkeypatch, fused):
+    """After a backward whose upstream gradient was not the expected one, the forward stops writing
+    dlogits on that device (a device flag, no host sync); results stay exact; reset turns it back on."""
+    from xent_triton import triton_backend
+
+    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    x = rand_logits((12, C), torch.float64, device)
+    t = torch.randint(0, C, (12,), device=device)
+    xr = x.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(xr, t), xr)
+
+    def step(upstream):
+        loss = xent_triton.cross_entropy(x, t)
+        node = _fused_node(loss)
+        written = bool(node.saved_tensors[-1].item())
+        before = node.dlogits.clone()
+        (g,) = torch.autograd.grad(loss * upstream, x)
+        close(g, g_ref * upstream, **F64)
+        return written, before
+
+    written, before = step(1.0)
+    assert written and not (before == 12345.0).any()  # conftest's poison: every element was written
+    assert step(1.0)[0]  # the expected gradient keeps the policy on
+    assert step(0.5)[0]  # written, then recomputed: this backward turns the policy off
+    written, before = step(1.0)
+    assert not written and (before == 12345.0).all()  # nothing written in the forward; the backward did all
+    assert not step(0.5)[0]
+    triton_backend.reset_step_policy()
+    assert step(1.0)[0]

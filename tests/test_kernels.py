@@ -76,15 +76,15 @@ def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32"):
 
 def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
-                DX=f"*{x}", DY=f"*{y}", S="*fp32")
+                DX=f"*{x}", DY=f"*{y}", S="*fp32", WROTE="*i32", POLICY="*i32")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, NEED_DX=True,
                   NEED_DY=need_dy, SKIP_SCALED=skip, BLOCK=block, ACC=acc)
     return dict(kind="bwd", ptrs=ptrs, consts=consts, warps=warps)
 
 
 def _step(x, y, acc, hard, extras, block=4096, warps=16):
-    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", LOSS="*fp32", LSE=f"*{acc}",
-                QSUM=f"*{acc}", DX=f"*{x}")
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", POLICY="*i32", WROTE="*i32",
+                LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}", DX=f"*{x}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, BLOCK=block, ACC=acc)
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 

@@ -83,7 +83,8 @@ class FusedStepCrossEntropy(torch.autograd.Function):
     ``scale``, the gradient each row gets when the reduced loss itself is
     backpropagated with gradient 1 (1 for ``sum``, 1/denominator for ``mean``).
     The backward keeps those rows and recomputes any other (a scaled loss, a
-    GradScaler), so the result is always exact.
+    GradScaler), so the result is always exact; after such a backward the
+    forward stops writing dlogits on that device (kernels/xent_step.py).
 
     dlogits is held on ``ctx``, not saved: handing autograd the only reference
     lets it become ``.grad`` without a copy. A second backward through a retained
@@ -94,10 +95,10 @@ class FusedStepCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                 softcap, loss_fp32, scale):
         params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
-        loss, lse, qsum, dlogits = torch.ops.xent_triton.step(logits, labels, target, weight, *params, loss_fp32,
-                                                              scale)
+        loss, lse, qsum, dlogits, written = torch.ops.xent_triton.step(logits, labels, target, weight, *params,
+                                                                       loss_fp32, scale)
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, labels, target, weight, lse, qsum, scale)
+        ctx.save_for_backward(logits, labels, target, weight, lse, qsum, scale, written)
         ctx.dlogits = dlogits
         ctx.params = params
         return loss, lse
@@ -106,12 +107,12 @@ class FusedStepCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_lse):
         if torch.is_grad_enabled():
             raise RuntimeError("xent_triton: double backward is not supported")
-        logits, labels, target, weight, lse, qsum, scale = ctx.saved_tensors
+        logits, labels, target, weight, lse, qsum, scale, written = ctx.saved_tensors
         dlogits, ctx.dlogits = ctx.dlogits, None
         if dlogits is None:
             dlogits, _ = torch.ops.xent_triton.backward(
                 grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, True, False)
         else:
             torch.ops.xent_triton.backward_scaled(grad_loss, logits, labels, target, weight, lse, qsum, scale,
-                                                  dlogits, *ctx.params)
+                                                  written, dlogits, *ctx.params)
         return (dlogits,) + (None,) * 10

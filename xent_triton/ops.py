@@ -167,16 +167,18 @@ def xent_step(
     logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     loss_fp32: bool, scale: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, qsum) and ``dlogits = scale * dloss/dlogits`` from one kernel (the fused step).
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, qsum), ``dlogits = scale * dloss/dlogits`` from one kernel (the fused step), and
+    ``written`` (one int32): whether dlogits was written (the device's step policy may skip it).
 
     ``scale`` is a one-element tensor: the upstream gradient each row is expected to get.
     """
     rows = make_rows(logits, labels, target, weight, axis)
     dx, _ = _grad_buffers(logits, labels, axis, True, False, new_output)
-    out = _impl(logits.device).step(rows, ignore_index, label_smoothing, lse_square_scale, softcap,
-                                    _loss_dtype(logits, loss_fp32), scale, dx)
-    return tuple(t.view(rows.batch_shape) for t in out) + (_as_grads(dx, None, logits, labels, axis)[0],)
+    loss, lse, qsum, written = _impl(logits.device).step(
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, _loss_dtype(logits, loss_fp32), scale, dx)
+    return (tuple(t.view(rows.batch_shape) for t in (loss, lse, qsum))
+            + (_as_grads(dx, None, logits, labels, axis)[0], written))
 
 
 @xent_step.register_fake
@@ -184,23 +186,26 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
       scale):
     dx, _ = _grad_buffers(logits, labels, axis, True, False, _fake_alloc)
     return xent_forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
-                        softcap, loss_fp32) + (_as_grads(dx, None, logits, labels, axis)[0],)
+                        softcap, loss_fp32) + (_as_grads(dx, None, logits, labels, axis)[0],
+                                               logits.new_empty((1,), dtype=torch.int32))
 
 
 @torch.library.custom_op("xent_triton::backward_scaled", mutates_args=("dlogits",))
 def xent_backward_scaled(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
-    lse: Tensor, qsum: Tensor, scale: Tensor, dlogits: Tensor, axis: int, ignore_index: int,
+    lse: Tensor, qsum: Tensor, scale: Tensor, written: Tensor, dlogits: Tensor, axis: int, ignore_index: int,
     label_smoothing: float, lse_square_scale: float, softcap: float,
 ) -> None:
-    """Finish the dlogits that ``xent_triton::step`` wrote for the upstream gradient ``scale``:
-    rows whose ``grad`` equals ``scale`` are kept, the others are recomputed (exactly, from the logits)."""
+    """Finish the dlogits of ``xent_triton::step``: if it was ``written`` for the upstream gradient
+    ``scale``, rows whose ``grad`` equals ``scale`` are kept; every other row is recomputed (exactly,
+    from the logits)."""
     rows = make_rows(logits, labels, target, weight, axis)
     _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-                                  lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale)
+                                  lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale,
+                                  written=written)
 
 
 @xent_backward_scaled.register_fake
-def _(grad, logits, labels, target, weight, lse, qsum, scale, dlogits, axis, ignore_index, label_smoothing,
+def _(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index, label_smoothing,
       lse_square_scale, softcap):
     return None

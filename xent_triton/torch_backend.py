@@ -174,17 +174,17 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     out = forward(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype)
     backward(rows, scale.reshape(()).expand(rows.n_rows), out[1], out[2], ignore_index, smoothing, z_scale,
              softcap, dx_buf, None)
-    return out
+    return out + (torch.ones(1, dtype=torch.int32, device=rows.logits.device),)
 
 
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
-             softcap: float, dx_buf, dy_buf, skip_scale=None):
+             softcap: float, dx_buf, dy_buf, skip_scale=None, written=None):
     """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
     g_all = grad.reshape(rows.n_rows).to(rows.acc)
     redo = None
     if skip_scale is not None:
         # Rows whose gradient is the one a fused step assumed already hold their dlogits.
-        redo = g_all != skip_scale.reshape(()).to(rows.acc)
+        redo = (g_all != skip_scale.reshape(()).to(rows.acc)) | (written.reshape(()) == 0)
     contiguous = (rows.n_inner * rows.n_cols, rows.n_cols)
     dx3 = None
     if dx_buf is not None:

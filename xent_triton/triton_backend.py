@@ -96,37 +96,59 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     return loss, lse, qsum
 
 
+_STEP_POLICY = {}
+
+
+def step_policy(device: torch.device) -> torch.Tensor:
+    """The fused step's flag on ``device`` (kernels/xent_step.py): 1 while its forward writes dlogits,
+    0 once a backward got an upstream gradient other than the expected one."""
+    key = (device.type, device.index)
+    if key not in _STEP_POLICY:
+        _STEP_POLICY[key] = torch.ones(1, dtype=torch.int32, device=device)
+    return _STEP_POLICY[key]
+
+
+def reset_step_policy():
+    """Let the fused step's forward write dlogits again, on every device."""
+    for flag in _STEP_POLICY.values():
+        flag.fill_(1)
+
+
 def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
          loss_dtype: torch.dtype, scale: torch.Tensor, dx_buf: torch.Tensor):
-    """The forward that also writes ``dx_buf = scale * dloss/dlogits`` (a contiguous (*batch, V) buffer).
+    """The forward that also writes ``dx_buf = scale * dloss/dlogits`` (a contiguous (*batch, V) buffer),
+    while the device's step_policy flag allows it.
 
     ``scale`` is a one-element tensor (no host sync reads it). Returns per-row loss, lse and
-    label mass.
+    label mass, and a one-element int32 tensor: whether dx_buf was written.
     """
     n, V = rows.n_rows, rows.n_cols
     loss, lse, qsum = _row_outputs(rows, loss_dtype)
+    wrote = new_output((1,), torch.int32, rows.logits.device)
     if n == 0:
-        return loss, lse, qsum
+        wrote.fill_(1)
+        return loss, lse, qsum, wrote
     cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device, rows.target is not None)
     y, t, st_outer, st_inner, w = _operands(rows)
     xent_step_kernel[(min(n, cfg.programs),)](
         rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, scale,
-        loss, lse, qsum, dx_buf,
+        step_policy(rows.logits.device), wrote, loss, lse, qsum, dx_buf,
         n, rows.n_inner, V, rows.n_classes, rows.class_offset,
         ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
         HAS_Z=z_scale != 0.0, BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
-    return loss, lse, qsum
+    return loss, lse, qsum, wrote
 
 
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
-             softcap: float, dx_buf, dy_buf, skip_scale=None):
+             softcap: float, dx_buf, dy_buf, skip_scale=None, written=None):
     """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None).
 
     ``dx_buf`` is a contiguous (*batch, V) buffer or, in the in-place mode, the
-    class-last logits view itself; ``dy_buf`` is contiguous. With ``skip_scale``
-    (the one-element scale a fused step wrote ``dx_buf`` with), rows whose
-    gradient equals it are left as they are.
+    class-last logits view itself; ``dy_buf`` is contiguous. After a fused step,
+    ``skip_scale`` is the one-element scale it assumed and ``written`` whether it
+    wrote ``dx_buf``: if it did, rows whose gradient equals the scale are left as
+    they are.
     """
     n, V = rows.n_rows, rows.n_cols
     if n == 0:
@@ -154,6 +176,7 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
         g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
         dx_buf if dx_buf is not None else rows.logits, *dx_strides,
         dy_buf if dy_buf is not None else rows.logits, skip_scale if skip_scale is not None else lse,
+        written if written is not None else lse, step_policy(rows.logits.device) if skip_scale is not None else lse,
         rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog, ignore_index,
         *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
         NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None, SKIP_SCALED=skip_scale is not None,
