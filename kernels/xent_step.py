@@ -18,9 +18,9 @@ kernel (SKIP_SCALED) leaves the rows whose gradient turned out to be S and
 recomputes the others, so a different scale (a GradScaler, a loss divided for
 gradient accumulation) is still exact. Such a backward also clears POLICY, a
 flag kept on the device: from then on the forward skips the second walk
-(WROTE records that for its backward, which recomputes every row), so a
-training loop whose loss is always scaled pays the two-kernel price, not that
-plus a wasted write, and no host ever reads the flag.
+(WROTE, a per-call copy of the flag, tells its backward to recompute every
+row), so a loop whose loss is always scaled stops paying for a wasted write,
+and no host ever reads the flag.
 """
 import triton
 import triton.language as tl
@@ -35,7 +35,7 @@ def xent_step_kernel(
     X, sx_outer, sx_inner,
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
-    W, S, POLICY, WROTE,
+    W, S, WROTE,
     LOSS, LSE, QSUM, DX,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
@@ -46,15 +46,15 @@ def xent_step_kernel(
 
     Addressing and row rules are those of xent_forward_kernel (SPLIT == 1) and
     xent_backward_kernel; DX is contiguous (n_rows, V). dlogits is written only
-    while POLICY[0] != 0; WROTE[0] records whether it was.
+    if WROTE[0] != 0: the host copies the device's POLICY flag there before the
+    launch, so every program sees the same value even if a backward on another
+    stream clears the flag meanwhile.
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
     softcap = f64_param(softcap, softcap_lo, ACC)
     scale = tl.load(S).to(ACC)
-    enabled = tl.load(POLICY)
-    tl.store(WROTE, enabled, mask=tl.program_id(0) == 0)
-    n_blocks = tl.where(enabled != 0, tl.cdiv(V, BLOCK), 0)
+    n_blocks = tl.where(tl.load(WROTE) != 0, tl.cdiv(V, BLOCK), 0)
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.zeros([], tl.int64) + r  # int64 offsets; also under the interpreter, where r is an int
         outer = row // n_inner

@@ -83,7 +83,7 @@ def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False):
 
 
 def _step(x, y, acc, hard, extras, block=4096, warps=16):
-    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", POLICY="*i32", WROTE="*i32",
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", WROTE="*i32",
                 LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}", DX=f"*{x}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, BLOCK=block, ACC=acc)
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)

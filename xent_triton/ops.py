@@ -190,6 +190,10 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
                                                logits.new_empty((1,), dtype=torch.int32))
 
 
+# The fused step's device flag (triton_backend.step_policy) is state these two ops share outside their
+# schemas: xent_triton::step reads it, xent_triton::backward_scaled may clear it. It only decides whether
+# dlogits is written early or recomputed, never a value, and the fused step runs in eager mode only
+# (functional._takes_fused_step), so no compiled graph reorders them.
 @torch.library.custom_op("xent_triton::backward_scaled", mutates_args=("dlogits",))
 def xent_backward_scaled(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],

@@ -104,7 +104,12 @@ def step_policy(device: torch.device) -> torch.Tensor:
     0 once a backward got an upstream gradient other than the expected one."""
     key = (device.type, device.index)
     if key not in _STEP_POLICY:
-        _STEP_POLICY[key] = torch.ones(1, dtype=torch.int32, device=device)
+        flag = torch.ones(1, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Allocated in a CUDA graph's pool, its fill part of the graph: that graph's copy, refilled
+            # with 1 at each replay. The device's own flag is made at the first call outside a capture.
+            return flag
+        _STEP_POLICY[key] = flag
     return _STEP_POLICY[key]
 
 
@@ -125,14 +130,15 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     n, V = rows.n_rows, rows.n_cols
     loss, lse, qsum = _row_outputs(rows, loss_dtype)
     wrote = new_output((1,), torch.int32, rows.logits.device)
+    # One snapshot of the flag for the whole launch (and for this call's backward).
+    wrote.copy_(step_policy(rows.logits.device))
     if n == 0:
-        wrote.fill_(1)
         return loss, lse, qsum, wrote
     cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device, rows.target is not None)
     y, t, st_outer, st_inner, w = _operands(rows)
     xent_step_kernel[(min(n, cfg.programs),)](
-        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, scale,
-        step_policy(rows.logits.device), wrote, loss, lse, qsum, dx_buf,
+        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, scale, wrote,
+        loss, lse, qsum, dx_buf,
         n, rows.n_inner, V, rows.n_classes, rows.class_offset,
         ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
         HAS_Z=z_scale != 0.0, BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
