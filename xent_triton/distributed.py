@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.xent_triton.*)
+from . import ops  # also registers torch.ops.xent_triton.*
 from . import validation as v
 from .functional import _autocast_on, reduce_rows
 from .layout import acc_dtype, batch_shape
@@ -214,7 +214,7 @@ def softmax_cross_entropy_with_logits(labels: Tensor, logits: Tensor, group=None
     axis = logits.dim() - 1
     v.check_soft_labels(labels, logits, axis)
     v.check_same_device(labels=labels, logits=logits)
-    out_dtype = torch.float32 if _autocast_on(logits) and logits.dtype != torch.float64 else logits.dtype
+    out_dtype = ops.loss_dtype_of(logits, _autocast_on(logits))
     return _per_row(logits, labels, None, axis, -100, 0.0, group).to(out_dtype)
 
 
@@ -243,7 +243,7 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
     axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target)
     v.check_options(reduction, label_smoothing, None)
-    out_dtype = torch.float32 if _autocast_on(input) and input.dtype != torch.float64 else input.dtype
+    out_dtype = ops.loss_dtype_of(input, _autocast_on(input))
     loss = _per_row(input, None if hard else target, target if hard else None, axis, ignore_index,
                     label_smoothing, group)
     return reduce_rows(loss, reduction, target if hard else None, ignore_index).to(out_dtype)

@@ -5,6 +5,7 @@ from . import validation as v
 from . import launch_config
 from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
 from .layout import check_inplace, make_rows
+from .ops import loss_dtype_of
 
 # An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
 _NEVER = -(2**63)
@@ -119,7 +120,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     v.check_options(reduction, label_smoothing, softcap)
 
     autocast = _autocast_on(input)
-    out_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
+    out_dtype = loss_dtype_of(input, autocast)
     # Reductions sum the fp32 per-row losses and round once.
     loss_fp32 = autocast or reduction != "none"
     index_target = target if hard else None
@@ -127,7 +128,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     denom = _mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
     step_scale = None
     if _takes_fused_step(input, None if hard else target, n_rows, C, reduction, inplace_backward):
-        loss_dtype = torch.float32 if loss_fp32 and input.dtype != torch.float64 else input.dtype
+        loss_dtype = loss_dtype_of(input, loss_fp32)
         # The gradient autograd will hand each row when the reduced loss gets gradient 1:
         # the same division as in reduce_rows, so that the two compare equal.
         step_scale = torch.ones((), dtype=loss_dtype, device=input.device)

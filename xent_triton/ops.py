@@ -29,7 +29,8 @@ def _impl(device: torch.device):
     return impl
 
 
-def _loss_dtype(logits: Tensor, loss_fp32: bool) -> torch.dtype:
+def loss_dtype_of(logits: Tensor, loss_fp32: bool) -> torch.dtype:
+    """The per-row loss dtype: the logits', or fp32 (not for fp64 logits) when asked for."""
     return torch.float32 if loss_fp32 and logits.dtype != torch.float64 else logits.dtype
 
 
@@ -46,7 +47,7 @@ def xent_forward(
     """Per-row (loss, lse, qsum). ``class_offset``/``n_classes`` describe a vocabulary shard."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     out = _impl(logits.device).forward(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, _loss_dtype(logits, loss_fp32))
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype_of(logits, loss_fp32))
     return tuple(t.view(rows.batch_shape) for t in out)
 
 
@@ -55,7 +56,7 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
       class_offset=0, n_classes=-1):
     shape = batch_shape(logits.shape, axis)
     stat = _stat_dtype(logits, labels)
-    return (logits.new_empty(shape, dtype=_loss_dtype(logits, loss_fp32)),
+    return (logits.new_empty(shape, dtype=loss_dtype_of(logits, loss_fp32)),
             logits.new_empty(shape, dtype=stat), logits.new_empty(shape, dtype=stat))
 
 
@@ -176,7 +177,7 @@ def xent_step(
     rows = make_rows(logits, labels, target, weight, axis)
     dx, _ = _grad_buffers(logits, labels, axis, True, False, new_output)
     loss, lse, qsum, written = _impl(logits.device).step(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, _loss_dtype(logits, loss_fp32), scale, dx)
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype_of(logits, loss_fp32), scale, dx)
     return (tuple(t.view(rows.batch_shape) for t in (loss, lse, qsum))
             + (_as_grads(dx, None, logits, labels, axis)[0], written))
 
