@@ -42,12 +42,23 @@ def _target_args(rows: Rows):
     return rows.target, s * rows.n_inner, s
 
 
-def _operands(rows: Rows):
-    """(labels, target, target outer/inner strides, weight) pointers for a launch."""
+def _inputs(rows: Rows):
+    """The leading arguments of every kernel but the combine: logits, labels, class indices and weight
+    pointers, each with its (outer, inner) strides."""
     # Unused pointers are given the logits: constexpr flags compile their loads out.
     y = rows.labels if rows.labels is not None else rows.logits
     w = rows.weight if rows.weight is not None else rows.logits
-    return (y, *_target_args(rows), w)
+    return (rows.logits, *rows.x_strides, y, *rows.y_strides, *_target_args(rows), w)
+
+
+def _row_geometry(rows: Rows):
+    """n_rows, n_inner, V, n_classes, class_offset: how every kernel addresses rows and classes."""
+    return rows.n_rows, rows.n_inner, rows.n_cols, rows.n_classes, rows.class_offset
+
+
+def _options(ignore_index: int, smoothing: float, z_scale: float, softcap: float):
+    """ignore_index and the three float options as fp32 hi + lo pairs (kernels.row_math.f64_param)."""
+    return (ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap))
 
 
 def _row_outputs(rows: Rows, loss_dtype: torch.dtype):
@@ -65,32 +76,25 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     loss, lse, qsum = _row_outputs(rows, loss_dtype)
     if n == 0:
         return loss, lse, qsum
-    flags = _flags(rows, smoothing, softcap)
-    y, t, st_outer, st_inner, w = _operands(rows)
+    flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0)
+    inputs, options = _inputs(rows), _options(ignore_index, smoothing, z_scale, softcap)
     short = launch_config.rows_launch(n, V, dev)
     if short is not None:
         xent_rows_forward_kernel[(triton.cdiv(n, short.rows),)](
-            rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, loss, lse, qsum,
-            n, rows.n_inner, V, rows.n_classes, rows.class_offset,
-            ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
+            *inputs, loss, lse, qsum, *_row_geometry(rows), *options,
             ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )
         return loss, lse, qsum
     cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev)
     part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
     xent_forward_kernel[(n, cfg.split)](
-        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
-        loss, lse, qsum, part,
-        n, rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog,
-        ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
-        HAS_Z=z_scale != 0.0, SPLIT=cfg.split,
-        BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
+        *inputs, loss, lse, qsum, part, *_row_geometry(rows), cfg.cols_per_prog, *options,
+        SPLIT=cfg.split, BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
     )
     if cfg.split > 1:
         xent_combine_kernel[(n,)](
-            t, st_outer, st_inner, w, loss, lse, qsum, part,
-            n, rows.n_inner, V, rows.n_classes, rows.class_offset, ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale),
-            HARD=flags["HARD"], HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_Z=z_scale != 0.0,
+            *inputs[-4:], loss, lse, qsum, part, *_row_geometry(rows), *options[:5],  # target, weight; no softcap
+            HARD=flags["HARD"], HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_Z=flags["HAS_Z"],
             SPLIT=cfg.split, SPLIT_P2=triton.next_power_of_2(cfg.split), ACC=flags["ACC"], num_warps=1,
         )
     return loss, lse, qsum
@@ -129,18 +133,14 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     """
     n, V = rows.n_rows, rows.n_cols
     loss, lse, qsum = _row_outputs(rows, loss_dtype)
-    wrote = new_output((1,), torch.int32, rows.logits.device)
     # One snapshot of the flag for the whole launch (and for this call's backward).
-    wrote.copy_(step_policy(rows.logits.device))
+    wrote = step_policy(rows.logits.device).clone()
     if n == 0:
         return loss, lse, qsum, wrote
     cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device, rows.target is not None)
-    y, t, st_outer, st_inner, w = _operands(rows)
     xent_step_kernel[(min(n, cfg.programs),)](
-        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w, scale, wrote,
-        loss, lse, qsum, dx_buf,
-        n, rows.n_inner, V, rows.n_classes, rows.class_offset,
-        ignore_index, *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap),
+        *_inputs(rows), scale, wrote, loss, lse, qsum, dx_buf, *_row_geometry(rows),
+        *_options(ignore_index, smoothing, z_scale, softcap),
         HAS_Z=z_scale != 0.0, BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
     return loss, lse, qsum, wrote
@@ -160,33 +160,27 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     if n == 0:
         return
     g = grad.reshape(n)
-    y, t, st_outer, st_inner, w = _operands(rows)
-    dx_strides = _row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)
+    # Inputs, upstream gradient and statistics, then the outputs (unused ones get the logits' pointer).
+    operands = (*_inputs(rows), g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
+                dx_buf if dx_buf is not None else rows.logits,
+                *(_row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)),
+                dy_buf if dy_buf is not None else rows.logits)
+    options = _options(ignore_index, smoothing, z_scale, softcap)
+    flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0, NEED_DX=dx_buf is not None,
+                 NEED_DY=dy_buf is not None)
     # After a fused step (skip_scale) the per-row kernel runs: it skips whole rows.
     short = launch_config.rows_launch(n, V, rows.logits.device) if skip_scale is None else None
     if short is not None:
         xent_rows_backward_kernel[(triton.cdiv(n, short.rows),)](
-            rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
-            g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
-            dx_buf if dx_buf is not None else rows.logits, *dx_strides,
-            dy_buf if dy_buf is not None else rows.logits,
-            n, rows.n_inner, V, rows.n_classes, rows.class_offset, ignore_index,
-            *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
-            NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None,
-            ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **_flags(rows, smoothing, softcap),
+            *operands, *_row_geometry(rows), *options,
+            ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )
         return
     cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), rows.logits.device)
+    fused = (skip_scale, written, step_policy(rows.logits.device)) if skip_scale is not None else (lse,) * 3
     xent_backward_kernel[(n, cfg.split)](
-        rows.logits, *rows.x_strides, y, *rows.y_strides, t, st_outer, st_inner, w,
-        g, g.stride(0) * rows.n_inner, g.stride(0), lse, qsum,
-        dx_buf if dx_buf is not None else rows.logits, *dx_strides,
-        dy_buf if dy_buf is not None else rows.logits, skip_scale if skip_scale is not None else lse,
-        written if written is not None else lse, step_policy(rows.logits.device) if skip_scale is not None else lse,
-        rows.n_inner, V, rows.n_classes, rows.class_offset, cfg.cols_per_prog, ignore_index,
-        *_hi_lo(smoothing), *_hi_lo(z_scale), *_hi_lo(softcap), HAS_Z=z_scale != 0.0,
-        NEED_DX=dx_buf is not None, NEED_DY=dy_buf is not None, SKIP_SCALED=skip_scale is not None,
-        BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
+        *operands, *fused, *_row_geometry(rows)[1:], cfg.cols_per_prog, *options,
+        SKIP_SCALED=skip_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
     )
 
 
