@@ -9,7 +9,8 @@
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
-#   PYTEST_TIMEOUT_S (default 300), SWEEP_TIMEOUT_S (default 230 quick / 520 full),
+#   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),
+#   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
 #   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16").
 # Writes into $OUT (the device tool returns at most 8 files): pytest.log, sweep.log, and from the sweep
 # sweep.csv, sweep.md, log.txt, pct_of_copy.png, speedup_vs_compile.png.
@@ -84,22 +85,38 @@ EOF
 # ---------------------------------------------------------------- (c) tests on CUDA
 TEST_RC=-1
 if [ "$RUN_TESTS" = 1 ]; then
-  say "pytest on CUDA (TRITON_INTERPRET and XENT_TRITON_BACKEND unset), timeout ${PYTEST_TIMEOUT_S:-300}s"
+  say "pytest on CUDA (TRITON_INTERPRET and XENT_TRITON_BACKEND unset), timeout ${PYTEST_TIMEOUT_S:-270}s"
   if ! compgen -G "tests/*.py" > /dev/null && ! compgen -G "tests/**/*.py" > /dev/null; then
     say "WARNING: tests/ holds no .py files"
   fi
   # Each feature/dtype combination is a separate Triton compile: spread them over processes when
   # pytest-xdist is there (the device image has it), so the suite fits the time limit: the CPU run
-  # launches ~460 distinct kernel specializations (2026-11-26), each a compile on a GPU.
+  # launches ~660 distinct compiled variants (2026-11-26: 460 by constexprs and dtypes, times Triton's
+  # specialization of integer arguments equal to 1 or divisible by 16 and of 16-byte-aligned pointers),
+  # each a compile of ~1-3 s on a GPU machine.
+  # worksteal (pytest-xdist >= 3.2): each worker starts on a contiguous run of tests, whose neighbouring
+  # parametrizations share compiled variants (the default round-robin start has every worker compile
+  # the same variant at once), and idle workers take half of the longest queue.
   XDIST=()
-  if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${PYTEST_WORKERS:-12}"); fi
-  timeout -k 10 "${PYTEST_TIMEOUT_S:-300}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m pytest -q -rfE --maxfail=25 --durations=10 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests 2>&1 | tee "$OUT/pytest.log"
+  if python3 -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${PYTEST_WORKERS:-12}")
+    if python3 -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" \
+         2>/dev/null; then XDIST+=(--dist worksteal); fi
+  fi
+  # A hung test is reported by name instead of eating the whole budget (pytest-timeout is in the image).
+  if python3 -c "import pytest_timeout" 2>/dev/null; then XDIST+=(--timeout "${PYTEST_PER_TEST_S:-150}"); fi
+  # SIGINT, not SIGTERM: pytest then still prints the failures so far and its summary line.
+  # Property tests: fewer hypothesis examples than CI's 100, since on a GPU each new dtype/flag
+  # combination an example draws is a compile; CI runs the full count under the interpreter.
+  # Inductor's compile pool would put ~16 processes per worker next to 12 workers' Triton compiles.
+  timeout -s INT -k 20 "${PYTEST_TIMEOUT_S:-270}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    XENT_HYPOTHESIS_EXAMPLES="${XENT_HYPOTHESIS_EXAMPLES:-12}" TORCHINDUCTOR_COMPILE_THREADS=1 \
+    python3 -m pytest -q -rfEs --maxfail=25 --durations=10 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests 2>&1 | tee "$OUT/pytest.log"
   TEST_RC=${PIPESTATUS[0]}
   case "$TEST_RC" in
     0) say "pytest: passed" ;;
     5) say "pytest: NO TESTS COLLECTED (rc 5)" ;;
-    124|137) say "pytest: TIMED OUT after ${PYTEST_TIMEOUT_S:-300}s (rc $TEST_RC)" ;;
+    2|124|137) say "pytest: TIMED OUT or INTERRUPTED after ${PYTEST_TIMEOUT_S:-270}s (rc $TEST_RC)" ;;
     *) say "pytest: FAILED (rc $TEST_RC)" ;;
   esac
 fi
@@ -115,7 +132,7 @@ fi
 # ---------------------------------------------------------------- (d) sweep
 SWEEP_RC=-1
 if [ "$RUN_SWEEP" = 1 ]; then
-  if [ "$FULL" = 1 ]; then MODE=(); STO="${SWEEP_TIMEOUT_S:-520}"; else MODE=(--quick); STO="${SWEEP_TIMEOUT_S:-230}"; fi
+  if [ "$FULL" = 1 ]; then MODE=(); STO="${SWEEP_TIMEOUT_S:-520}"; else MODE=(--quick); STO="${SWEEP_TIMEOUT_S:-220}"; fi
   say "python3 -m perf.sweep ${MODE[*]:-} --out $OUT ${SWEEP_ARGS:-} (timeout ${STO}s; SIGTERM makes it write what it has)"
   # shellcheck disable=SC2086  # SWEEP_ARGS is split on purpose
   timeout -k 30 "$STO" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
@@ -134,7 +151,7 @@ if [ -s "$OUT/sweep.csv" ]; then
 fi
 echo "install: $INSTALL (import ok: $IMPORT_OK)"
 if [ "$RUN_TESTS" = 1 ]; then
-  echo "pytest: rc $TEST_RC: $(grep -E '(passed|failed|error|no tests ran)' "$OUT/pytest.log" | tail -n 1)"
+  echo "pytest: rc $TEST_RC: $(grep -E '([0-9]+ (passed|failed|errors?|skipped)|no tests ran).* in [0-9.]+s' "$OUT/pytest.log" | tail -n 1)"
 fi
 [ "$RUN_SWEEP" = 1 ] && echo "sweep: rc $SWEEP_RC ($([ "$FULL" = 1 ] && echo default grid || echo --quick))"
 echo "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -1106,6 +1106,12 @@ def main(argv=None) -> int:
         bar.close()
         log.bar = None
         csv_file.close()
+        try:
+            # What is measured is on disk; a late SIGTERM (a wrapper's timeout) must not cost the table
+            # and plots, which take seconds. A wrapper's SIGKILL grace still bounds the run.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except Exception:
+            pass
     if stopped is not None and stopped < len(blocks):
         rest = blocks[stopped:]
         log(f"STOPPED: time budget of {guard:g} min used (or interrupted) after {done} of {len(blocks)} blocks; "

@@ -259,6 +259,11 @@ def _launch(tmp_path, world, sizes, device="cpu"):
 
 @pytest.mark.parametrize("world,sizes", [(2, [5, 3]), (3, [4, 1, 6])])
 def test_vocab_parallel_cpu(tmp_path, backend, world, sizes):
+    if backend == "triton" and torch.cuda.is_available():
+        # CPU children could run the kernels only under the interpreter, which is not what a GPU machine
+        # tests (and triton 3.6's interpreter fails with numpy >= 2.4, as on the GPU image); the CUDA
+        # test below runs the compiled kernels in two processes instead.
+        pytest.skip("on a CUDA machine the kernels are checked by test_vocab_parallel_two_processes_one_gpu")
     _launch(tmp_path, world, sizes)
 
 

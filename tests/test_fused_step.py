@@ -179,7 +179,9 @@ def test_layouts_and_persistent_grid(backend, device, fused, layout):
         t = torch.randint(0, C, (6,), device=device)
         xin = x[:, 1:C + 1]
     else:
-        n = 53 if layout == "many_rows" else 1
+        # many_rows: each persistent program walks three rows or more, whatever the SM count
+        programs = launch_config.step_launch(C, 8, torch.device(device)).programs
+        n = 3 * programs + 5 if layout == "many_rows" else 1
         x = rand_logits((n, C), torch.float64, device)
         t = torch.randint(0, C, (n,), device=device)
         xin = x

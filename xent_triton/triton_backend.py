@@ -110,8 +110,9 @@ def step_policy(device: torch.device) -> torch.Tensor:
     if key not in _STEP_POLICY:
         flag = torch.ones(1, dtype=torch.int32, device=device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # Allocated in a CUDA graph's pool, its fill part of the graph: that graph's copy, refilled
-            # with 1 at each replay. The device's own flag is made at the first call outside a capture.
+            # A temporary flag in the graph's pool, its fill part of the graph, so each replay starts at 1
+            # (a backward in the same capture gets another one; correctness rests on the `written`
+            # snapshot and the g == scale check). The device's own flag waits for an uncaptured call.
             return flag
         _STEP_POLICY[key] = flag
     return _STEP_POLICY[key]
