@@ -53,9 +53,73 @@ def cap_logits(x, softcap):
 
 
 @triton.jit
-def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
-    # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
-    x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(ACC)
+def aligned_run(row_ptr, BLOCK: tl.constexpr):
+    """(base, lead): base = row_ptr - lead elements is the 16-byte boundary at or before row_ptr.
+
+    Blocks laid out from base start on 16-byte boundaries, so the blocks that lie wholly inside
+    the row load and store as unmasked vectors, whatever the row stride. Without this, a stride
+    that Triton cannot prove divisible by 16 (V = 50257, or 1000) makes every access of the row a
+    scalar one. The address itself is read, so the hint holds for any storage offset. Blocks of
+    under 16 bytes gain nothing: there lead is 0 and nothing is hinted.
+    """
+    ITEM: tl.constexpr = row_ptr.dtype.element_ty.primitive_bitwidth // 8
+    if BLOCK * ITEM >= 16:
+        lead = (row_ptr.to(tl.int64) % 16) // ITEM
+        base = tl.multiple_of(row_ptr - lead, 16)
+    else:
+        lead = tl.zeros([], tl.int64)
+        base = row_ptr
+    return base, lead
+
+
+@triton.jit
+def same_run(ptr, lead, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """ptr - lead: a second tensor's row in the block frame of aligned_run. ALIGNED: the host showed
+    that this tensor's rows sit at the same offset from a 16-byte boundary as the logits' rows (same
+    element size, base addresses and strides congruent), so aligned_run's hint holds here too."""
+    p = ptr - lead
+    ITEM: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    if ALIGNED and BLOCK * ITEM >= 16:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def block_ranges(col_begin, col_end, lead, active, BLOCK: tl.constexpr):
+    """The blocks of columns [col_begin, col_end) in aligned_run's frame (column col_begin - lead + j
+    is lane j of the frame), as n, range(k0, k1, BLOCK) and range(e0, e1, e_step).
+
+    n counts the frame's columns up to col_end (0 for an empty range). The first range holds the
+    blocks wholly inside the row: unmasked, aligned loads and stores. The second holds the partial
+    ones, masked: the head (when lead > 0, which is under one block) and the tail (when n is not a
+    multiple of BLOCK), each once. Inactive rows (ignored class indices) get no full blocks and
+    every block as a partial one, so that they load nothing through the masks and write zeros.
+    """
+    n = tl.where(col_end > col_begin, col_end - col_begin + lead, 0)
+    k1 = (n // BLOCK) * BLOCK
+    head = (lead > 0) & (n > 0)
+    k0 = tl.where(head, BLOCK, 0)
+    tail = (k1 < n) & ~(head & (k1 == 0))
+    e0 = tl.where(head, 0, k1)
+    e1 = tl.where(tail, k1 + 1, tl.where(head, 1, 0))
+    e_step = tl.where(head & tail, k1, BLOCK)
+    # Ignored rows: no full block; every block is a partial one.
+    k1 = tl.where(active, k1, k0)
+    e0 = tl.where(active, e0, 0)
+    e1 = tl.where(active, e1, n)
+    e_step = tl.where(active, e_step, BLOCK)
+    return n, k0, k1, e0, e1, e_step
+
+
+@triton.jit
+def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
+                FULL: tl.constexpr):
+    """A block of logits in ACC. FULL: every lane is inside the row, and mask is not used."""
+    if FULL:
+        x = tl.load(ptrs, eviction_policy=EVICT).to(ACC)
+    else:
+        # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
+        x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(ACC)
     if SOFTCAP:
         x, _ = cap_logits(x, softcap)
     return x
@@ -90,25 +154,36 @@ def row_target(T, t_off, W, V, n_classes, class_offset, ignore_index, smoothing,
 
 
 @triton.jit
-def target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing,
+def target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing,
                 HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr,
-                EVICT: tl.constexpr):
-    """q for one block of columns (zero on padding lanes). EVICT is the L2 hint for the label row."""
+                EVICT: tl.constexpr, FULL: tl.constexpr):
+    """q for one block of columns (zero on padding lanes). y_ptrs: the label row's block (soft labels);
+    EVICT is its L2 hint. FULL: every lane is inside the row, and cmask is not used."""
     if HAS_WEIGHT and (SMOOTH or not HARD):
         # Class indices without smoothing need only w_t (row_target): no weight row is read.
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+        if FULL:
+            w = tl.load(W + cols).to(ACC)
+        else:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     if HARD:
         q = tl.where(cols == t, tw, 0.0).to(ACC)
         if SMOOTH:
             if HAS_WEIGHT:
                 q += (smoothing / n_classes) * w
+            elif FULL:
+                q += smoothing / n_classes
             else:
                 q += tl.where(cmask, smoothing / n_classes, 0.0)
         q = tl.where(active, q, 0.0)
     else:
-        q = tl.load(Y_row + cols, mask=cmask, other=0.0, eviction_policy=EVICT).to(ACC)
+        if FULL:
+            q = tl.load(y_ptrs, eviction_policy=EVICT).to(ACC)
+        else:
+            q = tl.load(y_ptrs, mask=cmask, other=0.0, eviction_policy=EVICT).to(ACC)
         if SMOOTH:
-            q = tl.where(cmask, q * (1.0 - smoothing) + smoothing / n_classes, 0.0)
+            q = q * (1.0 - smoothing) + smoothing / n_classes
+            if not FULL:
+                q = tl.where(cmask, q, 0.0)
         if HAS_WEIGHT:
             q = q * w
     return q
@@ -123,6 +198,51 @@ def dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP: tl.constexpr):
     if SOFTCAP:
         dx = dx * (1.0 - th * th)
     return tl.where(active, dx, 0.0)
+
+
+@triton.jit
+def grad_block(x_ptrs, y_ptrs, dx_ptrs, dy_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, softcap,
+               lse, coef, g, HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+               SOFTCAP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, ACC: tl.constexpr,
+               EVICT: tl.constexpr, CACHE: tl.constexpr, FULL: tl.constexpr):
+    """dlogits (and dlabels) of one block: load the logits (and labels), store the gradients.
+
+    FULL: every lane is inside the row and the row is active; cmask is not used. Otherwise lanes
+    outside cmask are neither loaded nor stored, and an inactive row loads nothing and stores
+    zeros. EVICT is the L2 hint of the loads, CACHE the cache modifier of the dlogits stores.
+    """
+    if FULL:
+        xr = tl.load(x_ptrs, eviction_policy=EVICT).to(ACC)
+    else:
+        # tl.where, not &: the interpreter turns a scalar bool combined with a vector into integers.
+        xr = tl.load(x_ptrs, mask=tl.where(active, cmask, cmask != cmask), other=float("-inf"),
+                     eviction_policy=EVICT).to(ACC)
+    x = xr
+    th = xr
+    if SOFTCAP:
+        x, th = cap_logits(xr, softcap)
+    if NEED_DX:
+        q = target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
+                        ACC, EVICT, FULL)
+        dx = to_store(dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP), dx_ptrs)
+        if FULL:
+            tl.store(dx_ptrs, dx, cache_modifier=CACHE)
+        else:
+            tl.store(dx_ptrs, dx, mask=cmask, cache_modifier=CACHE)
+    if NEED_DY:
+        dy = g * (lse - x)
+        if SMOOTH:
+            dy = dy * (1.0 - smoothing)
+        if HAS_WEIGHT:
+            if FULL:
+                dy = dy * tl.load(W + cols).to(ACC)
+            else:
+                dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+        dy = to_store(dy, dy_ptrs)
+        if FULL:
+            tl.store(dy_ptrs, dy)
+        else:
+            tl.store(dy_ptrs, dy, mask=cmask)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ in-place memory mode dlogits is written over the logits it was computed from.
 import triton
 import triton.language as tl
 
-from .row_math import cap_logits, dlogits_block, f64_param, grad_coef, row_target, target_mass, to_store
+from .row_math import aligned_run, block_ranges, f64_param, grad_block, grad_coef, row_target, same_run
 
 
 @triton.jit
@@ -27,7 +27,8 @@ def xent_backward_kernel(
     n_inner, V, n_classes, class_offset, cols_per_prog,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, SKIP_SCALED: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, SKIP_SCALED: tl.constexpr,
+    Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, DY_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Grid (n_rows, cdiv(V, cols_per_prog)). DY is contiguous (n_rows, V); DX is
@@ -41,6 +42,9 @@ def xent_backward_kernel(
     gradient for an upstream gradient equal to the scalar S. Rows whose G equals
     S are then left as they are, reading and writing nothing; the others are
     recomputed, and clear the step's POLICY flag (see xent_step.py).
+
+    Blocks start on 16-byte boundaries of the logits row (row_math.aligned_run); *_ALIGNED say
+    which other rows share that alignment (row_math.same_run).
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
@@ -65,25 +69,21 @@ def xent_backward_kernel(
     g = tl.where(active, g, 0.0)
     lse = tl.load(LSE + row).to(ACC)
     coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)
-    # Ignored rows load nothing (every lane masked) and only write zeros.
-    load_end = tl.where(active, col_end, col_begin)
-    for start in range(col_begin, col_end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        cmask = cols < col_end
-        xr = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf")).to(ACC)
-        x = xr
-        th = xr
-        if SOFTCAP:
-            x, th = cap_logits(xr, softcap)
-        if NEED_DX:
-            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
-                            ACC, "")
-            dx = dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP)
-            tl.store(DX + outer * sdx_outer + inner * sdx_inner + cols, to_store(dx, DX), mask=cmask)
-        if NEED_DY:
-            dy = g * (lse - x)
-            if SMOOTH:
-                dy = dy * (1.0 - smoothing)
-            if HAS_WEIGHT:
-                dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
-            tl.store(DY + row * V + cols, to_store(dy, DY), mask=cmask)
+    # Whole blocks as unmasked aligned vectors, then the partial ones; ignored rows load nothing
+    # and only write zeros (row_math.block_ranges).
+    Xb, lead = aligned_run(X_row + col_begin, BLOCK)
+    Yb = same_run(Y_row + col_begin, lead, Y_ALIGNED, BLOCK)
+    DXb = same_run(DX + outer * sdx_outer + inner * sdx_inner + col_begin, lead, DX_ALIGNED, BLOCK)
+    DYb = same_run(DY + row * V + col_begin, lead, DY_ALIGNED, BLOCK)
+    first = col_begin - lead
+    n, k0, k1, e0, e1, e_step = block_ranges(col_begin, col_end, lead, active, BLOCK)
+    for k in range(k0, k1, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        grad_block(Xb + offs, Yb + offs, DXb + offs, DYb + offs, W, first + offs, None, n_classes, t, tw, active,
+                   smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, NEED_DX, NEED_DY, ACC, "",
+                   "", True)
+    for k in range(e0, e1, e_step):
+        offs = k + tl.arange(0, BLOCK)
+        grad_block(Xb + offs, Yb + offs, DXb + offs, DYb + offs, W, first + offs, (offs >= lead) & (offs < n),
+                   n_classes, t, tw, active, smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                   NEED_DX, NEED_DY, ACC, "", "", False)

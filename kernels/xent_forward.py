@@ -7,7 +7,8 @@ row: the loss and the statistics the backward pass needs (lse and sum(q)).
 import triton
 import triton.language as tl
 
-from .row_math import f64_param, finalize_row, load_logits, row_target, target_mass, to_store
+from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, load_logits, row_target, same_run,
+                       target_mass, to_store)
 
 
 @triton.jit
@@ -28,50 +29,74 @@ def _online_max_sumexp(m, s, x):
 
 
 @triton.jit
+def _stats_block(m, s, d, qsum, nnz, x_ptrs, y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing,
+                 softcap, HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+                 LABELS: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr, FULL: tl.constexpr):
+    """One block of _row_partial: the online max and sum of exp, and with LABELS the label statistics
+    (d, qsum, nnz are per-lane accumulators). FULL: every lane is inside the row, cmask is not used."""
+    x = load_logits(x_ptrs, cmask, softcap, SOFTCAP, ACC, EVICT, FULL)
+    if LABELS:
+        q = target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
+                        ACC, EVICT, FULL)
+        m_new, s, shift = _online_max_sumexp(m, s, x)
+        # d is 0 or -inf (label mass on -inf logits) while s == 0, which the zero shift leaves as it is.
+        # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
+        d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
+        qsum += q
+        nnz += tl.where(q != 0, 1.0, 0.0)
+        m = m_new
+    else:
+        m, s, _ = _online_max_sumexp(m, s, x)
+    return m, s, d, qsum, nnz
+
+
+@triton.jit
 def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
                  HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                 SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+                 SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                 EVICT: tl.constexpr):
     """Online statistics over columns [col_begin, col_end); EVICT is the L2 hint of the loads.
 
     Returns m (the running max, -inf replaced by 0), s = sum(exp(x - m)),
     d = sum(q * (x - m)), sum(q) and the count of nonzero q. Keeping the
     label-weighted sum relative to the max matters: lse * sum(q) - sum(q * x) cancels
     catastrophically in fp32 once |x| is large (1e4 loses 3 digits, 1e30 all).
+
+    The blocks wholly inside the row come first, as unmasked aligned vector loads, then the
+    partial ones (row_math.block_ranges). Y_ALIGNED: see row_math.same_run.
     """
+    # Class indices without smoothing: q is nonzero in the target column only, so the loop keeps no
+    # label state at all (fewer registers and instructions); the target logit is read once after it.
+    LABELS: tl.constexpr = not (HARD and not SMOOTH)
     m = tl.zeros([], ACC)
     s = tl.zeros([], ACC)
-    if HARD and not SMOOTH:
-        # q is nonzero in the target column only: the loop keeps no label state at all
-        # (fewer registers and instructions), and the target logit is read once after it.
-        for start in range(col_begin, col_end, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = load_logits(X_row + cols, cols < col_end, softcap, SOFTCAP, ACC, EVICT)
-            m, s, _ = _online_max_sumexp(m, s, x)
-        mine = (t >= col_begin) & (t < col_end) & (tw != 0)
-        x_t = load_logits(X_row + tl.where(mine, t, 0), mine, softcap, SOFTCAP, ACC, EVICT)
-        d_row = tl.where(mine, tw * (x_t - m), 0.0)
-        qsum_row = tl.where(mine, tw, 0.0)
-        nnz_row = tl.where(mine, 1.0, 0.0)
-    else:
-        d = tl.zeros([BLOCK], ACC)
-        qsum = tl.zeros([BLOCK], ACC)
-        nnz = tl.zeros([BLOCK], ACC)
-        for start in range(col_begin, col_end, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            cmask = cols < col_end
-            x = load_logits(X_row + cols, cmask, softcap, SOFTCAP, ACC, EVICT)
-            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
-                            ACC, EVICT)
-            m_new, s, shift = _online_max_sumexp(m, s, x)
-            # d is 0 or -inf (label mass on -inf logits) while s == 0, which the zero shift leaves as it is.
-            # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
-            d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
-            qsum += q
-            nnz += tl.where(q != 0, 1.0, 0.0)
-            m = m_new
+    d = tl.zeros([BLOCK], ACC)
+    qsum = tl.zeros([BLOCK], ACC)
+    nnz = tl.zeros([BLOCK], ACC)
+    Xb, lead = aligned_run(X_row + col_begin, BLOCK)
+    Yb = same_run(Y_row + col_begin, lead, Y_ALIGNED, BLOCK)
+    first = col_begin - lead  # the column of lane 0 of the frame
+    n, k0, k1, e0, e1, e_step = block_ranges(col_begin, col_end, lead, True, BLOCK)
+    for k in range(k0, k1, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        m, s, d, qsum, nnz = _stats_block(m, s, d, qsum, nnz, Xb + offs, Yb + offs, W, first + offs, None,
+                                          n_classes, t, tw, active, smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH,
+                                          SOFTCAP, LABELS, ACC, EVICT, True)
+    for k in range(e0, e1, e_step):
+        offs = k + tl.arange(0, BLOCK)
+        m, s, d, qsum, nnz = _stats_block(m, s, d, qsum, nnz, Xb + offs, Yb + offs, W, first + offs,
+                                          (offs >= lead) & (offs < n), n_classes, t, tw, active, smoothing,
+                                          softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, LABELS, ACC, EVICT, False)
+    if LABELS:
         d_row = tl.sum(d, axis=0)
         qsum_row = tl.sum(qsum, axis=0)
         nnz_row = tl.sum(nnz, axis=0)
+    else:
+        mine = (t >= col_begin) & (t < col_end) & (tw != 0)
+        x_t = load_logits(X_row + tl.where(mine, t, 0), mine, softcap, SOFTCAP, ACC, EVICT, False)
+        d_row = tl.where(mine, tw * (x_t - m), 0.0)
+        qsum_row = tl.where(mine, tw, 0.0)
+        nnz_row = tl.where(mine, 1.0, 0.0)
     return m, s, d_row, qsum_row, nnz_row
 
 
@@ -86,7 +111,7 @@ def xent_forward_kernel(
     n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
-    SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, Y_ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """Row statistics of softmax cross entropy.
@@ -118,7 +143,8 @@ def xent_forward_kernel(
     # Ignored rows (hard labels) read nothing: their loop is empty.
     col_end = tl.where(active, col_end, col_begin)
     m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
-                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC, "")
+                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, ACC,
+                                        "")
     if SPLIT == 1:
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))

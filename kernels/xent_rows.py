@@ -59,9 +59,10 @@ def xent_rows_forward_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     # Ignored rows read nothing: all their lanes are masked.
     cmask = (cols < V) & active[:, None]
-    x = load_logits(X + (outer * sx_outer + inner * sx_inner)[:, None] + cols, cmask, softcap, SOFTCAP, ACC, "")
-    q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None], W, cols, cmask, n_classes, t[:, None],
-                    tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "")
+    x = load_logits(X + (outer * sx_outer + inner * sx_inner)[:, None] + cols, cmask, softcap, SOFTCAP, ACC, "",
+                    False)
+    q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols, W, cols, cmask, n_classes,
+                    t[:, None], tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "", False)
     # The max with -inf replaced by 0, so that exp(x - m) never computes -inf - (-inf).
     m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -112,8 +113,8 @@ def xent_rows_backward_kernel(
     if SOFTCAP:
         x, th = cap_logits(xr, softcap)
     if NEED_DX:
-        q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None], W, cols, smask, n_classes, t[:, None],
-                        tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "")
+        q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols, W, cols, smask, n_classes,
+                        t[:, None], tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "", False)
         dx = dlogits_block(x, th, q, lse[:, None], coef[:, None], g[:, None], active[:, None], SOFTCAP)
         tl.store(DX + (outer * sdx_outer + inner * sdx_inner)[:, None] + cols, to_store(dx, DX), mask=smask)
     if NEED_DY:

@@ -25,8 +25,8 @@ and no host ever reads the flag.
 import triton
 import triton.language as tl
 
-from .row_math import (cap_logits, dlogits_block, f64_param, finalize_row, grad_coef, row_target, target_mass,
-                       to_store)
+from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, grad_block, grad_coef, row_target,
+                       same_run, to_store)
 from .xent_forward import _row_partial
 
 
@@ -40,7 +40,8 @@ def xent_step_kernel(
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Loss, lse, sum(q) and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
 
@@ -49,12 +50,15 @@ def xent_step_kernel(
     if WROTE[0] != 0: the host copies the device's POLICY flag there before the
     launch, so every program sees the same value even if a backward on another
     stream clears the flag meanwhile.
+
+    Both walks use the blocks of row_math.aligned_run (16-byte aligned from the logits row's
+    address); *_ALIGNED say which other rows share that alignment (row_math.same_run).
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
     softcap = f64_param(softcap, softcap_lo, ACC)
     scale = tl.load(S).to(ACC)
-    n_blocks = tl.where(tl.load(WROTE) != 0, tl.cdiv(V, BLOCK), 0)
+    write = tl.load(WROTE) != 0
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.zeros([], tl.int64) + r  # int64 offsets; also under the interpreter, where r is an int
         outer = row // n_inner
@@ -67,22 +71,28 @@ def xent_step_kernel(
         # Ignored rows read nothing: an empty first walk, and masked loads in the second.
         load_end = tl.where(active, V, 0)
         m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, 0, load_end, n_classes, t, tw, active, smoothing,
-                                          softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK, ACC, "evict_last")
+                                          softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, ACC,
+                                          "evict_last")
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))
         tl.store(LSE + row, lse)
         tl.store(QSUM + row, qsum)
         coef = grad_coef(lse, qsum, z_scale, active, valid, HAS_Z)
         g = tl.where(active, scale, 0.0)
-        for i in range(0, n_blocks):
-            cols = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-            cmask = cols < V
-            x = tl.load(X_row + cols, mask=cols < load_end, other=float("-inf"),
-                        eviction_policy="evict_first").to(ACC)
-            th = x
-            if SOFTCAP:
-                x, th = cap_logits(x, softcap)
-            q = target_mass(Y_row, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
-                            ACC, "evict_first")
-            dx = dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP)
-            tl.store(DX_row + cols, to_store(dx, DX), mask=cmask, cache_modifier=".cs")
+        # The blocks of the first walk (the same frame): the whole ones last first, then the partial ones.
+        Xb, lead = aligned_run(X_row, BLOCK)
+        Yb = same_run(Y_row, lead, Y_ALIGNED, BLOCK)
+        DXb = same_run(DX_row, lead, DX_ALIGNED, BLOCK)
+        n, k0, k1, e0, e1, e_step = block_ranges(0, V, lead, active, BLOCK)
+        n_full = tl.where(write, (k1 - k0) // BLOCK, 0)
+        e1 = tl.where(write, e1, e0)
+        for i in range(0, n_full):
+            offs = k1 - (i + 1) * BLOCK + tl.arange(0, BLOCK)
+            grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, None, n_classes, t, tw, active,
+                       smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, True, False, ACC,
+                       "evict_first", ".cs", True)
+        for k in range(e0, e1, e_step):
+            offs = k + tl.arange(0, BLOCK)
+            grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, (offs >= lead) & (offs < n),
+                       n_classes, t, tw, active, smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                       True, False, ACC, "evict_first", ".cs", False)

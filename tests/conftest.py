@@ -21,6 +21,31 @@ BACKENDS = ["torch", "triton"]
 POISON = 12345.0
 
 
+def _check_alignment_hints():
+    """Under the interpreter, make every tl.multiple_of hint a checked claim: the kernels hint that
+    block pointers are 16-byte aligned (kernels/row_math.aligned_run, same_run), and a false hint
+    would be a misaligned-address fault on a GPU that no CPU run could otherwise see."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.TensorHandle.set_attr
+
+    def set_attr(self, key, value):
+        if key == "tt.divisibility":
+            div = int(value[0])
+            data = np.asarray(self.data).astype(np.int64)
+            if (data % div).any():
+                raise AssertionError(f"false tl.multiple_of({div}) hint: values {data.ravel()[:8].tolist()}")
+        return original(self, key, value)
+
+    interpreter.TensorHandle.set_attr = set_attr
+
+
+_check_alignment_hints()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: large inputs")

@@ -37,7 +37,14 @@ SCRIPT = textwrap.dedent(r'''
                 sig[n] = int_type
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-        return len(k.asm["cubin"]), *resources(k.asm["cubin"])
+        return len(k.asm["cubin"]), *resources(k.asm["cubin"]), *vectors(k.asm["ptx"])
+
+    def vectors(ptx):
+        """Vector (.v2/.v4) global loads and stores in the PTX."""
+        import re
+        ld = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v[24]\.", ptx))
+        st = len(re.findall(r"st\.global(?:\.[\w:]+)*\.v[24]\.", ptx))
+        return ld, st
 
     def resources(cubin):
         """(local memory bytes, registers) per thread from cuobjdump; (None, None) where it is unavailable."""
@@ -61,8 +68,9 @@ SCRIPT = textwrap.dedent(r'''
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
               "step": xent_step_kernel, "rows_fwd": xent_rows_forward_kernel,
               "rows_bwd": xent_rows_backward_kernel}[kind]
-        size, local, regs = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
-        print("compiled", kind, size, "regs", regs, "max", case.get("max_regs"), "local", local, flush=True)
+        size, local, regs, vld, vst = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
+        print("compiled", kind, size, "regs", regs, "max", case.get("max_regs"), "vld", vld, "vst", vst,
+              "local", local, flush=True)
 ''')
 
 
@@ -70,7 +78,7 @@ def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32"):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W=f"*{x}", LOSS=f"*{x}", LSE=f"*{acc}", QSUM=f"*{acc}",
                 PART=f"*{acc}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, SPLIT=split,
-                  BLOCK=block, ACC=acc)
+                  Y_ALIGNED=x == y, BLOCK=block, ACC=acc)
     return dict(kind="fwd", ptrs=ptrs, consts=consts, warps=warps, ints=ints)
 
 
@@ -78,14 +86,16 @@ def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
                 DX=f"*{x}", DY=f"*{y}", S="*fp32", WROTE="*i32", POLICY="*i32")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, NEED_DX=True,
-                  NEED_DY=need_dy, SKIP_SCALED=skip, BLOCK=block, ACC=acc)
+                  NEED_DY=need_dy, SKIP_SCALED=skip, Y_ALIGNED=x == y, DX_ALIGNED=True, DY_ALIGNED=x == y,
+                  BLOCK=block, ACC=acc)
     return dict(kind="bwd", ptrs=ptrs, consts=consts, warps=warps)
 
 
 def _step(x, y, acc, hard, extras, block=4096, warps=16):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", WROTE="*i32",
                 LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}", DX=f"*{x}")
-    consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, BLOCK=block, ACC=acc)
+    consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, Y_ALIGNED=x == y,
+                  DX_ALIGNED=True, BLOCK=block, ACC=acc)
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
@@ -155,8 +165,16 @@ def test_kernel_compiles_for_sm90(name):
     # No register spills (local memory); "None" where this triton ships no cuobjdump.
     spills = [line for line in r.stdout.splitlines() if "local" in line and not line.endswith(("local 0", "local None"))]
     assert not spills, spills
-    # Register budgets (cases that set max_regs): more would cut the programs resident per SM.
     for line in r.stdout.splitlines():
         words = line.split()
+        # Register budgets (cases that set max_regs): more would cut the programs resident per SM.
         regs, limit = words[words.index("regs") + 1], words[words.index("max") + 1]
         assert limit == "None" or regs == "None" or int(regs) <= int(limit), line
+        # The integer arguments are compiled with no divisibility known (as for V = 50257): the row
+        # loops still load, and the backward and the fused step still store, whole blocks as vectors
+        # (kernels/row_math.aligned_run).
+        kind, vld, vst = words[1], int(words[words.index("vld") + 1]), int(words[words.index("vst") + 1])
+        if kind in ("fwd", "bwd", "step"):
+            assert vld > 0, line
+        if kind in ("bwd", "step"):
+            assert vst > 0, line

@@ -34,6 +34,26 @@ def _flags(rows: Rows, smoothing: float, softcap: float):
     )
 
 
+def _aligned_like(rows: Rows, t, strides) -> bool:
+    """Whether every row of ``t`` (addressed with (outer, inner) ``strides``) sits at the same offset
+    from a 16-byte boundary as the same row of the logits, so that the kernels may give it the
+    logits' block alignment (kernels/row_math.same_run): equal element sizes, base addresses a
+    multiple of 16 bytes apart, and strides that differ by a multiple of 16 bytes where they matter."""
+    x = rows.logits
+    item = x.element_size()
+    if t is None or t.element_size() != item or 16 % item:
+        return False
+    per = 16 // item
+    used = [rows.n_rows > rows.n_inner, rows.n_inner > 1]  # the outer / inner index is ever nonzero
+    return (t.data_ptr() - x.data_ptr()) % 16 == 0 and all(
+        (a - b) % per == 0 for a, b, u in zip(strides, rows.x_strides, used) if u)
+
+
+def _contiguous_strides(rows: Rows):
+    """(outer, inner) strides of a contiguous (*batch, V) buffer."""
+    return rows.n_inner * rows.n_cols, rows.n_cols
+
+
 def _target_args(rows: Rows):
     """Class-index pointer and its (outer, inner) strides; rows.target is 1-D but may be strided."""
     if rows.target is None:
@@ -89,7 +109,8 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
     xent_forward_kernel[(n, cfg.split)](
         *inputs, loss, lse, qsum, part, *_row_geometry(rows), cfg.cols_per_prog, *options,
-        SPLIT=cfg.split, BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
+        SPLIT=cfg.split, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides), BLOCK=cfg.block,
+        num_warps=cfg.num_warps, **flags,
     )
     if cfg.split > 1:
         xent_combine_kernel[(n,)](
@@ -142,7 +163,9 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     xent_step_kernel[(min(n, cfg.programs),)](
         *_inputs(rows), scale, wrote, loss, lse, qsum, dx_buf, *_row_geometry(rows),
         *_options(ignore_index, smoothing, z_scale, softcap),
-        HAS_Z=z_scale != 0.0, BLOCK=cfg.block, num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
+        HAS_Z=z_scale != 0.0, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides),
+        DX_ALIGNED=_aligned_like(rows, dx_buf, _contiguous_strides(rows)), BLOCK=cfg.block,
+        num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
     return loss, lse, qsum, wrote
 
@@ -181,7 +204,10 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     fused = (skip_scale, written, step_policy(rows.logits.device)) if skip_scale is not None else (lse,) * 3
     xent_backward_kernel[(n, cfg.split)](
         *operands, *fused, *_row_geometry(rows)[1:], cfg.cols_per_prog, *options,
-        SKIP_SCALED=skip_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
+        SKIP_SCALED=skip_scale is not None, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides),
+        DX_ALIGNED=dx_buf is not None and _aligned_like(rows, dx_buf, _row_strides(dx_buf, rows)),
+        DY_ALIGNED=_aligned_like(rows, dy_buf, _contiguous_strides(rows)),
+        BLOCK=cfg.block, num_warps=cfg.num_warps, **flags,
     )
 
 
@@ -189,4 +215,4 @@ def _row_strides(buf: torch.Tensor, rows: Rows):
     """(outer, inner) strides of a gradient buffer: the logits' own for the in-place mode."""
     if buf is rows.logits:
         return rows.x_strides
-    return rows.n_inner * rows.n_cols, rows.n_cols
+    return _contiguous_strides(rows)
