@@ -3,7 +3,7 @@
 Run from the repository root:
 
     python -m perf.sweep                     # default grid, bf16 + fp32, < 8 min on one H100/H200
-    python -m perf.sweep --quick             # 6 shapes, bf16, < 3 min
+    python -m perf.sweep --quick             # 7 shapes, bf16, < 3 min
     python -m perf.sweep --dtypes bf16,fp16,fp32 --points 8192x128256,1x128256 --passes step
     python -m perf.sweep --summary perf/results/<dir>/sweep.csv   # reprint the summary of a finished run
     python perf/sweep.py --help
@@ -87,9 +87,11 @@ BYTE_MODEL = {
 }
 
 # (N, V) points, most important first: the --max-minutes guard drops the tail.
-QUICK_POINTS = [(8192, 128256), (8192, 32000), (2048, 256000), (64, 256000), (32768, 1024), (1, 128256)]
+# 8192 x 50257 (a stride no power of 2 divides): the aligned blocks of perf/NOTES.md P12.
+QUICK_POINTS = [(8192, 128256), (8192, 32000), (2048, 256000), (64, 256000), (32768, 1024), (1, 128256),
+                (8192, 50257)]
 DEFAULT_POINTS = QUICK_POINTS + [
-    (8192, 50257), (8192, 152064), (512, 50257), (8192, 1000), (8192, 256000),
+    (8192, 152064), (512, 50257), (8192, 1000), (8192, 256000),
     (65536, 2),
     (65536, 50257),  # 3.3e9 elements: past 2**31, the int32-offset trap (ANCHORS.md)
 ]
@@ -102,7 +104,7 @@ CPU_POINTS = [(64, 1000), (256, 8192), (8, 50257)]
 #   about 2-4 s each once Inductor is warm, plus ~20 s for the first compile of the process; the
 #   backward-alone pass recompiles forward+backward without buffer donation (Inductor's cache serves
 #   most of it: ~0.3-1 s).
-#   --quick:  6 points x bf16            = 150 measurements x ~0.2 s (warmup 25 + rep 100 ms, L2 flushes,
+#   --quick:  7 points x bf16            = 175 measurements x ~0.2 s (warmup 25 + rep 100 ms, L2 flushes,
 #             checks, peak-memory call) ~ 30 s; 24 compiles ~ 50-100 s; references, inputs, startup ~ 30 s
 #             -> ~2-2.5 min (the first block pays ~30-45 s of Inductor start-up). Guard: 2.5 min, checked
 #             before each (point, labels) block of ~10 s, so the run ends before 3 min.
@@ -943,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Grids: --quick " + ", ".join(f"{n}x{v}" for n, v in QUICK_POINTS)
                                 + "; default adds " + ", ".join(f"{n}x{v}" for n, v in DEFAULT_POINTS[6:]))
-    p.add_argument("--quick", action="store_true", help="6 shapes, bf16 only, < 3 minutes on one H100")
+    p.add_argument("--quick", action="store_true", help="7 shapes, bf16 only, < 3 minutes on one H100")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32 (default: bf16 with --quick, else bf16,fp32; "
                                     "fp32 on the CPU)")
     p.add_argument("--labels", help="comma list of soft,hard (default both)")
