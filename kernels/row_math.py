@@ -167,6 +167,10 @@ def target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing,
             w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
     if HARD:
         q = tl.where(cols == t, tw, 0.0).to(ACC)
+        if not FULL:
+            # A masked lane may hold a column of the row's neighbouring part (the head and tail blocks
+            # of a split row): the target there is that part's to count.
+            q = tl.where(cmask, q, 0.0)
         if SMOOTH:
             if HAS_WEIGHT:
                 q += (smoothing / n_classes) * w

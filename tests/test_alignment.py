@@ -98,6 +98,24 @@ def test_split_rows_at_any_offset(monkeypatch, device, offset):
     close(xent_triton.softmax_cross_entropy_with_logits(y, x), ref_soft(y, x.detach()), **tol(torch.bfloat16))
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_split_class_indices_at_part_boundaries(monkeypatch, device, offset, weighted):
+    """A split row's head and tail blocks hold lanes of the neighbouring part: a target there is counted
+    once, by its own part (class indices with smoothing take the label-state loop)."""
+    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 2)  # parts of 80 columns: the boundary is column 80
+    x = _at_offset(rand_logits((8, 150), torch.float32, device), offset)
+    t = torch.arange(76, 84, device=device)
+    w = torch.rand(150, device=device) + 0.5 if weighted else None
+    loss = xent_triton.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction="none")
+    (dx,) = torch.autograd.grad(loss.sum(), x)
+    xr = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(xr, t, weight=None if w is None else w.double(), label_smoothing=0.1, reduction="none")
+    (dxr,) = torch.autograd.grad(ref.sum(), xr)
+    close(loss, ref, **tol(torch.float32))
+    close(dx, dxr, **tol(torch.float32))
+
+
 @triton.jit
 def _false_hint_kernel(X, OUT):
     tl.store(OUT, tl.load(tl.multiple_of(X + 1, 16)))
