@@ -12,8 +12,8 @@ lse) are read at the last row's index, clamped, and their tile loads and all the
 import triton
 import triton.language as tl
 
-from .row_math import (cap_logits, dlogits_block, f64_param, finalize_row, grad_coef, load_logits, row_target,
-                       target_mass, to_store)
+from .row_math import (f64_param, finalize_row, grad_block, grad_coef, load_logits, row_target, target_mass,
+                       to_store)
 
 
 @triton.jit
@@ -106,21 +106,9 @@ def xent_rows_backward_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     smask = (cols < V) & row_ok[:, None]
     # Ignored rows load nothing and only write zeros.
-    xr = tl.load(X + (outer * sx_outer + inner * sx_inner)[:, None] + cols, mask=smask & active[:, None],
-                 other=float("-inf")).to(ACC)
-    x = xr
-    th = xr
-    if SOFTCAP:
-        x, th = cap_logits(xr, softcap)
-    if NEED_DX:
-        q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols, W, cols, smask, n_classes,
-                        t[:, None], tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "", False)
-        dx = dlogits_block(x, th, q, lse[:, None], coef[:, None], g[:, None], active[:, None], SOFTCAP)
-        tl.store(DX + (outer * sdx_outer + inner * sdx_inner)[:, None] + cols, to_store(dx, DX), mask=smask)
-    if NEED_DY:
-        dy = g[:, None] * (lse[:, None] - x)
-        if SMOOTH:
-            dy = dy * (1.0 - smoothing)
-        if HAS_WEIGHT:
-            dy = dy * tl.load(W + cols, mask=cols < V, other=0.0).to(ACC)
-        tl.store(DY + row[:, None] * V + cols, to_store(dy, DY), mask=smask)
+    grad_block(X + (outer * sx_outer + inner * sx_inner)[:, None] + cols,
+               Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols,
+               DX + (outer * sdx_outer + inner * sdx_inner)[:, None] + cols, DY + row[:, None] * V + cols,
+               W, cols, smask, n_classes, t[:, None], tw[:, None], active[:, None], smoothing, softcap,
+               lse[:, None], coef[:, None], g[:, None], HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, NEED_DX, NEED_DY, ACC,
+               "", "", False)
