@@ -112,14 +112,31 @@ def block_ranges(col_begin, col_end, lead, active, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def load_block(ptrs, mask, other, EVICT: tl.constexpr, FULL: tl.constexpr):
+    """A block load: unmasked when FULL (every lane inside the row; mask is not used, and may be None),
+    else masked, with ``other`` on the masked lanes. EVICT is the L2 hint."""
+    if FULL:
+        v = tl.load(ptrs, eviction_policy=EVICT)
+    else:
+        v = tl.load(ptrs, mask=mask, other=other, eviction_policy=EVICT)
+    return v
+
+
+@triton.jit
+def store_block(ptrs, v, mask, CACHE: tl.constexpr, FULL: tl.constexpr):
+    """A block store, unmasked when FULL (see load_block). CACHE is the cache modifier."""
+    if FULL:
+        tl.store(ptrs, v, cache_modifier=CACHE)
+    else:
+        tl.store(ptrs, v, mask=mask, cache_modifier=CACHE)
+
+
+@triton.jit
 def load_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr,
                 FULL: tl.constexpr):
-    """A block of logits in ACC. FULL: every lane is inside the row, and mask is not used."""
-    if FULL:
-        x = tl.load(ptrs, eviction_policy=EVICT).to(ACC)
-    else:
-        # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
-        x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(ACC)
+    """A block of logits in ACC (see load_block for FULL)."""
+    # Padding lanes load -inf, never 0: exp(0) would add 1 to the row's sum.
+    x = load_block(ptrs, mask, float("-inf"), EVICT, FULL).to(ACC)
     if SOFTCAP:
         x, _ = cap_logits(x, softcap)
     return x
@@ -161,35 +178,25 @@ def target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing,
     EVICT is its L2 hint. FULL: every lane is inside the row, and cmask is not used."""
     if HAS_WEIGHT and (SMOOTH or not HARD):
         # Class indices without smoothing need only w_t (row_target): no weight row is read.
-        if FULL:
-            w = tl.load(W + cols).to(ACC)
-        else:
-            w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+        w = load_block(W + cols, cmask, 0.0, "", FULL).to(ACC)
     if HARD:
         q = tl.where(cols == t, tw, 0.0).to(ACC)
-        if not FULL:
-            # A masked lane may hold a column of the row's neighbouring part (the head and tail blocks
-            # of a split row): the target there is that part's to count.
-            q = tl.where(cmask, q, 0.0)
         if SMOOTH:
             if HAS_WEIGHT:
                 q += (smoothing / n_classes) * w
-            elif FULL:
-                q += smoothing / n_classes
             else:
-                q += tl.where(cmask, smoothing / n_classes, 0.0)
+                q += smoothing / n_classes
         q = tl.where(active, q, 0.0)
     else:
-        if FULL:
-            q = tl.load(y_ptrs, eviction_policy=EVICT).to(ACC)
-        else:
-            q = tl.load(y_ptrs, mask=cmask, other=0.0, eviction_policy=EVICT).to(ACC)
+        q = load_block(y_ptrs, cmask, 0.0, EVICT, FULL).to(ACC)
         if SMOOTH:
             q = q * (1.0 - smoothing) + smoothing / n_classes
-            if not FULL:
-                q = tl.where(cmask, q, 0.0)
         if HAS_WEIGHT:
             q = q * w
+    if not FULL:
+        # Masked lanes carry no mass: the smoothing's, and the target's where a lane holds a column of
+        # the row's neighbouring part (the head and tail blocks of a split row): that part counts it.
+        q = tl.where(cmask, q, 0.0)
     return q
 
 
@@ -215,12 +222,11 @@ def grad_block(x_ptrs, y_ptrs, dx_ptrs, dy_ptrs, W, cols, cmask, n_classes, t, t
     outside cmask are neither loaded nor stored, and an inactive row loads nothing and stores
     zeros. EVICT is the L2 hint of the loads, CACHE the cache modifier of the dlogits stores.
     """
-    if FULL:
-        xr = tl.load(x_ptrs, eviction_policy=EVICT).to(ACC)
-    else:
+    lmask = cmask
+    if not FULL:
         # tl.where, not &: the interpreter turns a scalar bool combined with a vector into integers.
-        xr = tl.load(x_ptrs, mask=tl.where(active, cmask, cmask != cmask), other=float("-inf"),
-                     eviction_policy=EVICT).to(ACC)
+        lmask = tl.where(active, cmask, cmask != cmask)
+    xr = load_block(x_ptrs, lmask, float("-inf"), EVICT, FULL).to(ACC)
     x = xr
     th = xr
     if SOFTCAP:
@@ -228,25 +234,15 @@ def grad_block(x_ptrs, y_ptrs, dx_ptrs, dy_ptrs, W, cols, cmask, n_classes, t, t
     if NEED_DX:
         q = target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
                         ACC, EVICT, FULL)
-        dx = to_store(dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP), dx_ptrs)
-        if FULL:
-            tl.store(dx_ptrs, dx, cache_modifier=CACHE)
-        else:
-            tl.store(dx_ptrs, dx, mask=cmask, cache_modifier=CACHE)
+        store_block(dx_ptrs, to_store(dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP), dx_ptrs), cmask,
+                    CACHE, FULL)
     if NEED_DY:
         dy = g * (lse - x)
         if SMOOTH:
             dy = dy * (1.0 - smoothing)
         if HAS_WEIGHT:
-            if FULL:
-                dy = dy * tl.load(W + cols).to(ACC)
-            else:
-                dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
-        dy = to_store(dy, dy_ptrs)
-        if FULL:
-            tl.store(dy_ptrs, dy)
-        else:
-            tl.store(dy_ptrs, dy, mask=cmask)
+            dy = dy * load_block(W + cols, cmask, 0.0, "", FULL).to(ACC)
+        store_block(dy_ptrs, to_store(dy, dy_ptrs), cmask, "", FULL)
 
 
 @triton.jit

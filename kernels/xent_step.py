@@ -3,9 +3,9 @@
 A training step with the two-kernel design moves the row three times: the
 forward reads it, the backward reads it again and writes dlogits (3NVb for
 class indices, 5NVb with soft labels). Here each program reads its row, finishes
-the row's statistics, then walks the row once more, most recently loaded block
-first (row_math.block_ranges: the partial head and tail blocks, then the whole
-blocks from the last), and writes dlogits. The second walk is meant to hit L2: the grid is persistent (a
+the row's statistics, then walks the row once more, last whole block first
+(then the partial head and tail blocks, row_math.block_ranges), and writes
+dlogits. The second walk is meant to hit L2: the grid is persistent (a
 few programs per SM, each looping over rows), so at any time only
 ``programs x row bytes`` are in flight; walking backwards re-reads the most
 recently loaded blocks first; and the loads of the second walk and the dlogits
@@ -80,21 +80,22 @@ def xent_step_kernel(
         tl.store(QSUM + row, qsum)
         coef = grad_coef(lse, qsum, z_scale, active, valid, HAS_Z)
         g = tl.where(active, scale, 0.0)
-        # The blocks of the first walk (the same frame), most recently loaded first: the partial ones
-        # (the first walk's last), then the whole ones, last first.
+        # The blocks of the first walk (the same frame): the whole ones, last first, then the partial
+        # ones. Re-reading the partial ones first (the first walk loads them last) measured 58 -> 99
+        # registers (bf16, 2048/8 warps, sm_90) for at most two blocks of the row.
         Xb, lead = aligned_run(X_row, BLOCK)
         Yb = same_run(Y_row, lead, Y_ALIGNED, BLOCK)
         DXb = same_run(DX_row, lead, DX_ALIGNED, BLOCK)
         n, k0, k1, e0, e1, e_step = block_ranges(0, V, lead, active, BLOCK)
         n_full = tl.where(write, (k1 - k0) // BLOCK, 0)
         e1 = tl.where(write, e1, e0)
-        for k in range(e0, e1, e_step):
-            offs = k + tl.arange(0, BLOCK)
-            grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, (offs >= lead) & (offs < n),
-                       n_classes, t, tw, active, smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
-                       True, False, ACC, "evict_first", ".cs", False)
         for i in range(0, n_full):
             offs = k1 - (i + 1) * BLOCK + tl.arange(0, BLOCK)
             grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, None, n_classes, t, tw, active,
                        smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, True, False, ACC,
                        "evict_first", ".cs", True)
+        for k in range(e0, e1, e_step):
+            offs = k + tl.arange(0, BLOCK)
+            grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, (offs >= lead) & (offs < n),
+                       n_classes, t, tw, active, smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                       True, False, ACC, "evict_first", ".cs", False)
