@@ -944,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m perf.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Grids: --quick " + ", ".join(f"{n}x{v}" for n, v in QUICK_POINTS)
-                                + "; default adds " + ", ".join(f"{n}x{v}" for n, v in DEFAULT_POINTS[6:]))
+                                + "; default adds " + ", ".join(f"{n}x{v}" for n, v in DEFAULT_POINTS[len(QUICK_POINTS):]))
     p.add_argument("--quick", action="store_true", help="7 shapes, bf16 only, < 3 minutes on one H100")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32 (default: bf16 with --quick, else bf16,fp32; "
                                     "fp32 on the CPU)")
