@@ -7,15 +7,17 @@
 #   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
 #   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~6-8 min) instead of
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
+#   bash perf/gpu_check.sh --linear     # tests + perf/linear_bench.py (the fused linear head, ~2 min) instead
+#                                       # of the sweep: writes $OUT/linear.csv, linear.md, linear_log.txt
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),
 #   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
-#   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16").
+#   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220).
 # Writes into $OUT (the device tool returns at most 8 files): pytest.log, sweep.log, and from the sweep
 # sweep.csv, sweep.md, log.txt, pct_of_copy.png, speedup_vs_compile.png.
 # Exit status: 0 all good; bit 1 set when the tests failed (or found none, or timed out); bit 2 set when the
-# sweep failed or had a FAIL/ERROR row. The sweep runs even when the tests fail.
+# sweep or linear_bench failed or had a FAIL/ERROR row. The sweep runs even when the tests fail.
 set -uo pipefail
 
 OUT="${OUT:-/tmp/xent_gpu_check}"
@@ -23,14 +25,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
 
-FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0
 for a in "$@"; do
   case "$a" in
     --full) FULL=1 ;;
     --no-tests) RUN_TESTS=0 ;;
     --no-sweep) RUN_SWEEP=0 ;;
     --tune) TUNE=1; RUN_SWEEP=0 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --linear) LINEAR=1; RUN_SWEEP=0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -129,6 +132,16 @@ if [ "$TUNE" = 1 ]; then
   say "tune: rc ${PIPESTATUS[0]}"
 fi
 
+# ---------------------------------------------------------------- (d'') fused linear head (instead of the sweep)
+LINEAR_RC=-1
+if [ "$LINEAR" = 1 ]; then
+  say "python3 -m perf.linear_bench --out $OUT"
+  timeout -k 30 "${LINEAR_TIMEOUT_S:-220}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m perf.linear_bench --out "$OUT" 2>&1 | tee "$OUT/linear.log"
+  LINEAR_RC=${PIPESTATUS[0]}
+  say "linear_bench: rc $LINEAR_RC"
+fi
+
 # ---------------------------------------------------------------- (d) sweep
 SWEEP_RC=-1
 if [ "$RUN_SWEEP" = 1 ]; then
@@ -154,10 +167,12 @@ if [ "$RUN_TESTS" = 1 ]; then
   echo "pytest: rc $TEST_RC: $(grep -E '([0-9]+ (passed|failed|errors?|skipped)|no tests ran).* in [0-9.]+s' "$OUT/pytest.log" | tail -n 1)"
 fi
 [ "$RUN_SWEEP" = 1 ] && echo "sweep: rc $SWEEP_RC ($([ "$FULL" = 1 ] && echo default grid || echo --quick))"
+[ "$LINEAR" = 1 ] && echo "linear_bench: rc $LINEAR_RC"
 echo "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 echo "elapsed: $(( $(date +%s) - T0 )) s"
 
 RC=0
 if [ "$RUN_TESTS" = 1 ] && [ "$TEST_RC" != 0 ]; then RC=$((RC | 1)); fi
 if [ "$RUN_SWEEP" = 1 ] && [ "$SWEEP_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$LINEAR" = 1 ] && [ "$LINEAR_RC" != 0 ]; then RC=$((RC | 2)); fi
 exit "$RC"

@@ -16,8 +16,10 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(_o
 
 from . import ops  # noqa: E402,F401  (registers the torch.library custom ops)
 from .function import InplaceGradCrossEntropy, SoftmaxCrossEntropyWithLogits as SoftmaxCrossEntropyFunction  # noqa: E402
-from .functional import cross_entropy, softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
-from .modules import CrossEntropyLoss, SoftmaxCrossEntropyWithLogits
+from .functional import (  # noqa: E402
+    cross_entropy, linear_cross_entropy, softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits)
+from .linear import LinearCrossEntropyFunction  # noqa: E402
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, SoftmaxCrossEntropyWithLogits  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,9 @@ __all__ = [
     "sparse_softmax_cross_entropy_with_logits",
     "cross_entropy",
     "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyFunction",
     "SoftmaxCrossEntropyWithLogits",
     "SoftmaxCrossEntropyFunction",
     "InplaceGradCrossEntropy",

@@ -41,7 +41,8 @@ from torch import Tensor
 
 from . import ops  # also registers torch.ops.xent_triton.*
 from . import validation as v
-from .functional import _autocast_on, reduce_rows
+from .functional import _autocast_on
+from .reduction import reduce_rows
 from .layout import acc_dtype, batch_shape
 
 __all__ = ["softmax_cross_entropy_with_logits", "cross_entropy", "reset_shard_cache"]

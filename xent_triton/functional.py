@@ -1,11 +1,16 @@
 """The public functional API."""
+import math
+
 import torch
+import torch.nn.functional as F
 
 from . import validation as v
 from . import launch_config
 from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
 from .layout import check_inplace, make_rows
+from .linear import LinearCrossEntropyFunction, default_chunk_rows
 from .ops import loss_dtype_of
+from .reduction import mean_denominator, reduce_rows, row_grad_scale
 
 # An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
 _NEVER = -(2**63)
@@ -125,15 +130,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     loss_fp32 = autocast or reduction != "none"
     index_target = target if hard else None
     n_rows = input.numel() // C if C else 0
-    denom = _mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
+    denom = mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
     step_scale = None
     if _takes_fused_step(input, None if hard else target, n_rows, C, reduction, inplace_backward):
-        loss_dtype = loss_dtype_of(input, loss_fp32)
-        # The gradient autograd will hand each row when the reduced loss gets gradient 1:
-        # the same division as in reduce_rows, so that the two compare equal.
-        step_scale = torch.ones((), dtype=loss_dtype, device=input.device)
-        if denom is not None:
-            step_scale = step_scale / (denom.to(loss_dtype) if isinstance(denom, torch.Tensor) else denom)
+        step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32), input.device)
     loss, lse = _per_row(input, None if hard else target, index_target, weight, axis, ignore_index,
                          label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
     loss = reduce_rows(loss, reduction, index_target, ignore_index, weight, denom)
@@ -166,27 +166,112 @@ def _saved_tensor_hooks_active() -> bool:
         return True
 
 
-def _mean_denominator(n_rows, target, ignore_index, weight):
-    """torch's ``mean`` divisor: the sum of ``weight[target]`` over non-ignored rows for class
-    indices (their count without weights), a device tensor computed without a host sync; the
-    number of rows (an int) for probabilities."""
-    if target is None:
-        return n_rows
-    active = target != ignore_index
-    if weight is None:
-        return active.sum()
-    # Clamp only to gather safely; out-of-range rows are already NaN.
-    C = weight.shape[0]
-    w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
-    return (w_t * active).sum()
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
+                         chunk_size=None, accum_dtype=None, options=None):
+    r"""``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the whole logits.
 
+    A drop-in for torch's ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13; same
+    arguments and results), that also runs on older torch. The rows are processed ``chunk_size``
+    at a time, so only one chunk's logits (and, in training, its gradient, written over them) is
+    ever in memory; see ``xent_triton/linear.py``.
 
-def reduce_rows(loss, reduction, target=None, ignore_index=-100, weight=None, denom=None):
-    """torch's reductions of a per-row loss (see _mean_denominator). No host sync."""
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    if denom is None:
-        denom = _mean_denominator(loss.numel(), target, ignore_index, weight)
-    return loss.sum() / (denom.to(loss.dtype) if isinstance(denom, torch.Tensor) else denom)
+    Args:
+        input (Tensor): ``(in_features,)``, ``(N, in_features)``, or ``(*, in_features)`` (any
+            leading batch dims; torch's own accepts at most one).
+        linear_weight (Tensor): ``(C, in_features)``, or ``(C, d1, ..., dK, in_features)`` for a
+            K-dimensional loss (computed unchunked, through :func:`cross_entropy`).
+        target (Tensor): class indices (int64 or int32) of shape ``input.shape[:-1]``, or class
+            probabilities of shape ``input.shape[:-1] + (C,)`` (no gradient).
+        linear_bias (Tensor, optional): ``(C,)`` (``(C, d1, ..., dK)`` for a K-dimensional loss).
+        weight, reduction, label_smoothing: as in :func:`cross_entropy`.
+        ignore_index (int, optional): as in :func:`cross_entropy`; ``None`` means -100 for class
+            indices, and must be ``None`` for probabilities (as torch). Default: None.
+        lse_square_scale, softcap: the extras of :func:`cross_entropy`.
+        chunk_size (int, optional): rows per chunk. Default: the larger of 1024 and
+            ``next_pow2(ceil(N / ceil(C / in_features)))`` (a chunk's logits the input's size); see
+            ``linear.default_chunk_rows`` for why.
+        accum_dtype (torch.dtype, optional): the dtype the weight and bias gradients are summed over
+            chunks in. Default: float32 for half-precision weights (a ``(C, in_features)`` float32
+            buffer), else the weight's dtype. Pass the weight's half dtype to sum in place.
+        options: torch's ``LinearCrossEntropyOptions``; only its ``batch_chunk_size`` is used
+            (xent_triton always chunks). Default: None.
+
+    Returns:
+        The loss: a scalar, or for ``reduction='none'`` one per row of shape ``input.shape[:-1]``;
+        in the linear layer's dtype (float32 under autocast, as torch).
+
+    Under ``torch.compile`` the loss is traced unchunked, as ``cross_entropy(F.linear(...))``, so
+    it compiles without a graph break. Gradients flow to ``input``, ``linear_weight`` and
+    ``linear_bias``; double backward, and ``retain_graph=True`` with ``mean``/``sum``, raise.
+    """
+    v.check_float("input", input)
+    v.check_float("linear_weight", linear_weight)
+    v.check_tensor("target", target)
+    if input.dim() < 1 or linear_weight.dim() < 2:
+        raise ValueError(f"linear_cross_entropy needs input of at least 1 dim and linear_weight of at least 2, "
+                         f"got input {tuple(input.shape)} and linear_weight {tuple(linear_weight.shape)}")
+    in_features, C, out_features = input.shape[-1], linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if linear_weight.shape[-1] != in_features:
+        raise ValueError(f"input shape {tuple(input.shape)} and linear_weight shape {tuple(linear_weight.shape)} "
+                         f"must end in the same in_features, got {in_features} and {linear_weight.shape[-1]}")
+    if linear_bias is not None:
+        v.check_float("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (C, *out_features):
+            raise ValueError(f"linear_bias shape {tuple(linear_bias.shape)} must be {(C, *out_features)} "
+                             f"for linear_weight shape {tuple(linear_weight.shape)}")
+    v.check_same_device(input=input, linear_weight=linear_weight, target=target, linear_bias=linear_bias,
+                        weight=weight)
+    batch = tuple(input.shape[:-1])
+    logits_shape = (*batch, C, *out_features)
+    probabilities = tuple(target.shape) == logits_shape
+    if probabilities and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    ignore_index = -100 if ignore_index is None else ignore_index
+
+    if out_features:
+        # A K-dimensional loss softmaxes over C at each position: the chunked path does not apply.
+        if len(batch) != 1:
+            raise ValueError(f"a K-dimensional loss (linear_weight shape {tuple(linear_weight.shape)}) needs "
+                             f"input of shape (N, {in_features}), got {tuple(input.shape)}")
+        logits = F.linear(input, linear_weight.flatten(0, -2),
+                          linear_bias.flatten() if linear_bias is not None else None).view(logits_shape)
+        return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                             lse_square_scale=lse_square_scale, softcap=softcap)
+
+    # Class last: the checks are those of cross_entropy on (rows, C) logits.
+    if probabilities:
+        v.check_float("target", target)
+    else:
+        if target.dtype.is_floating_point:
+            raise ValueError(f"probability target shape {tuple(target.shape)} must equal the logits' shape "
+                             f"{logits_shape} (input shape {tuple(input.shape)}, {C} classes)")
+        if target.dtype not in v.INDEX_DTYPES:
+            raise TypeError(f"class-index target must be int64 or int32, got {target.dtype}")
+        if tuple(target.shape) != batch:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                             f"{tuple(input.shape)}: expected {batch} (class indices) or {logits_shape} "
+                             f"(probabilities)")
+    v.check_weight(weight, C)
+    v.check_options(reduction, label_smoothing, softcap)
+    if probabilities and target.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("linear_cross_entropy: gradients with respect to probability targets are not "
+                                  "supported; pass target.detach()")
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    n = math.prod(batch)
+    x = input.reshape(n, in_features)
+    t = target.reshape(n, C) if probabilities else target.reshape(n)
+    if torch.compiler.is_compiling():
+        loss = cross_entropy(F.linear(x, linear_weight, linear_bias), t, weight, ignore_index, reduction,
+                             label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+    else:
+        chunk = chunk_size or default_chunk_rows(n, C, in_features)
+        params = (int(ignore_index), reduction, float(label_smoothing), float(lse_square_scale), softcap, chunk,
+                  accum_dtype)
+        loss = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, params)
+    return loss.view(batch) if reduction == "none" else loss

@@ -1,0 +1,229 @@
+"""A linear layer and the cross entropy of its output, in row chunks.
+
+An LLM's last layer makes (rows, classes) logits: 8192 x 128256 in bf16 is 2 GiB,
+and the unfused step keeps both them and their gradient alive. Here the rows are
+taken ``chunk`` at a time: the chunk's logits (one matmul), the loss kernels, and,
+when gradients are needed, dlogits written over those logits by the in-place
+backward kernel and folded into the input, weight and bias gradients (three more
+matmuls). Only one chunk's logits exist at a time.
+
+A reduced loss (``mean``, ``sum``) gives every row the same upstream gradient up
+to one scalar, so the forward computes the gradients for a gradient of 1 and the
+backward only scales them (as Liger and torch's chunked ``linear_cross_entropy``
+do). With ``reduction='none'`` each row has its own gradient: the forward keeps
+O(rows) statistics and the backward recomputes each chunk's logits.
+"""
+import torch
+import torch.nn.functional as F
+
+from .layout import acc_dtype
+from .reduction import divide, mean_denominator, row_grad_scale
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# Rows per chunk, at least (see default_chunk_rows).
+MIN_CHUNK_ROWS = 1024
+
+
+def default_chunk_rows(n_rows: int, n_classes: int, in_features: int) -> int:
+    """Rows per chunk: ``next_pow2(ceil(rows / ceil(classes / in_features)))`` (a chunk's logits take
+    about the input's memory: Liger's and torch's rule), but at least MIN_CHUNK_ROWS.
+
+    Why the floor: every chunk adds its (classes, in_features) weight-gradient product into the
+    sum, moving 8 bytes per element (fp32, read and written), while its matmuls do 6 * rows *
+    classes * in_features flops. On an H100 (~240 bf16 flop per byte of bandwidth) the sum then
+    costs ~320 / rows of the matmul time: 31% at 1024 rows, but 125% at the 256 rows Liger's rule
+    gives for 8192 x 128256 x 4096. A 1024-row chunk of 128256 bf16 logits is 256 MiB.
+    """
+    if n_rows <= 1:
+        return 1
+    per = -(-n_rows // max(1, -(-n_classes // max(1, in_features))))
+    return min(n_rows, max(MIN_CHUNK_ROWS, 1 << (per - 1).bit_length()))
+
+
+def compute_dtype(input, linear_weight, linear_bias):
+    """The dtype F.linear would give: autocast's when it is on (fp64 is never cast), else the inputs'."""
+    dev = input.device.type
+    tensors = [t for t in (input, linear_weight, linear_bias) if t is not None]
+    if torch.is_autocast_enabled(dev) and all(t.dtype != torch.float64 for t in tensors):
+        return torch.get_autocast_dtype(dev)
+    if any(t.dtype != input.dtype for t in tensors):
+        desc = ", ".join(f"{n} {t.dtype}" for n, t in
+                         (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias))
+                         if t is not None)
+        raise TypeError(f"input, linear_weight and linear_bias must have one dtype (as for F.linear), got {desc}")
+    return input.dtype
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``loss = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, params)``.
+
+    ``input`` is (rows, in_features), ``linear_weight`` (classes, in_features), ``target`` class indices
+    (rows,) or probabilities (rows, classes) that need no gradient. ``params`` is (ignore_index,
+    reduction, label_smoothing, lse_square_scale, softcap, chunk, accum_dtype). Inputs are assumed
+    validated (see :func:`xent_triton.linear_cross_entropy`). Returns the reduced loss, or the per-row
+    loss for ``reduction='none'``.
+    """
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, params):
+        ignore_index, reduction, smoothing, z_scale, softcap, chunk, accum_dtype = params
+        autocast = torch.is_autocast_enabled(input.device.type)
+        cd = compute_dtype(input, linear_weight, linear_bias)
+        need = tuple(ctx.needs_input_grad[:3])
+        hard = not target.dtype.is_floating_point
+        n = input.shape[0]
+        loss_dtype = torch.float64 if cd == torch.float64 else torch.float32
+        with torch.autocast(input.device.type, enabled=False):
+            x, w, b = (t.to(cd) if t is not None else None for t in (input, linear_weight, linear_bias))
+            stats = _RowStats(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
+            denom = mean_denominator(n, target if hard else None, ignore_index, weight) \
+                if reduction == "mean" else None
+            # Reduced losses: gradients now, for upstream gradient 1; 'none': statistics for the backward.
+            eager = any(need) and reduction != "none"
+            if eager:
+                scale = row_grad_scale(denom, loss_dtype, input.device)
+                grads = _GradSums(x, w, b, need, accum_dtype)
+            loss = torch.empty(n, dtype=loss_dtype, device=input.device)
+            lse = qsum = None
+            if any(need) and not eager:
+                lse = torch.empty(n, dtype=acc_dtype(cd, target.dtype), device=input.device)
+                qsum = torch.empty_like(lse)
+            for r in _chunks(n, chunk):
+                logits = F.linear(x[r], w, b)
+                loss[r], lse_r, qsum_r = stats.forward(logits, r)
+                if eager:
+                    stats.backward_into(logits, r, scale.expand(logits.shape[0]), lse_r, qsum_r)
+                    grads.fold(logits, x[r], w, r)
+                elif lse is not None:
+                    lse[r], qsum[r] = lse_r, qsum_r
+            if reduction == "sum":
+                out = loss.sum()
+            elif reduction == "mean":
+                out = divide(loss.sum(), denom)
+            else:
+                out = loss
+            if not autocast:
+                out = out.to(cd)
+        ctx.eager = eager
+        ctx.params = params
+        ctx.dtypes = (input.dtype, linear_weight.dtype, linear_bias.dtype if linear_bias is not None else None)
+        if eager:
+            ctx.grads = grads
+        elif any(need):
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, qsum)
+            ctx.cd = cd
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("xent_triton: double backward through linear_cross_entropy is not supported")
+        if ctx.eager:
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError("linear_cross_entropy: its gradients were handed out by an earlier backward "
+                                   "(retain_graph=True is not supported for reduction='mean' or 'sum')")
+            result = grads.scaled(grad_out, ctx.dtypes)
+        else:
+            result = _recompute_grads(ctx, grad_out)
+        return result + (None, None, None)
+
+
+def _chunks(n, chunk):
+    return (slice(r0, min(r0 + chunk, n)) for r0 in range(0, n, chunk))
+
+
+class _RowStats:
+    """The loss kernels on one chunk's (rows, classes) logits, through the custom ops."""
+
+    def __init__(self, target, weight, ignore_index, smoothing, z_scale, softcap, hard):
+        self.target, self.weight, self.hard = target, weight, hard
+        self.opts = (int(ignore_index), float(smoothing), float(z_scale), float(softcap or 0.0))
+
+    def _rows(self, r):
+        t = self.target[r]
+        return (None, t) if self.hard else (t, None)
+
+    def forward(self, logits, r):
+        labels, t = self._rows(r)
+        return torch.ops.xent_triton.forward(logits, labels, t, self.weight, 1, *self.opts, True)
+
+    def backward_into(self, logits, r, g, lse, qsum):
+        """dlogits for upstream gradients ``g``, written over ``logits``."""
+        labels, t = self._rows(r)
+        torch.ops.xent_triton.backward_inplace(g, logits, labels, t, self.weight, lse, qsum, 1, *self.opts, False)
+
+
+class _GradSums:
+    """The input, weight and bias gradients, summed over chunks (None where not needed).
+
+    The input gradient of a chunk's rows is written once. The weight and bias gradients
+    are sums over all chunks: for half-precision weights they accumulate in ``accum_dtype``
+    (float32 by default), so that the weight gradient is rounded once, as the unfused matmul's.
+    """
+
+    def __init__(self, x, w, b, need, accum_dtype):
+        need_x, need_w, need_b = need
+        acc = accum_dtype or (torch.float32 if w.dtype in _HALF else w.dtype)
+        self.dx = torch.empty_like(x) if need_x else None
+        self.dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        self.db = torch.zeros(w.shape[0], dtype=torch.promote_types(acc, torch.float32), device=w.device) \
+            if need_b and b is not None else None
+
+    def fold(self, dlogits, x, w, r):
+        if self.dx is not None:
+            torch.mm(dlogits, w, out=self.dx[r])
+        if self.dw is not None:
+            _accumulate_mm(self.dw, dlogits.t(), x)
+        if self.db is not None:
+            self.db += dlogits.sum(0, dtype=self.db.dtype)
+
+    def scaled(self, g, dtypes):
+        """The gradients times the upstream gradient ``g`` (None: 1), in the inputs' dtypes; consumes them."""
+        out = []
+        for t, dtype in zip((self.dx, self.dw, self.db), dtypes):
+            if t is not None and g is not None:
+                t.mul_(g)
+            out.append(None if t is None else t.to(dtype))
+        self.dx = self.dw = self.db = None
+        return tuple(out)
+
+
+# Whether torch.addmm(..., out_dtype=) works here (CUDA, torch >= 2.8); cleared on its first failure.
+_MIXED_ADDMM = {"ok": True}
+
+
+def _accumulate_mm(acc, a, b):
+    """``acc += a @ b``. For an fp32 ``acc`` and half ``a``, ``b``, cuBLAS sums the product into
+    ``acc`` from its fp32 accumulator (``out_dtype``); where that is missing (the CPU, older torch)
+    the product is rounded to the half dtype once and added."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _MIXED_ADDMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM["ok"] = False
+    acc += a @ b
+
+
+def _recompute_grads(ctx, grad_out):
+    """reduction='none': recompute each chunk's logits and fold its dlogits for the rows' own gradients."""
+    input, linear_weight, linear_bias, target, weight, lse, qsum = ctx.saved_tensors
+    ignore_index, _reduction, smoothing, z_scale, softcap, chunk, accum_dtype = ctx.params
+    need = tuple(ctx.needs_input_grad[:3])
+    hard = not target.dtype.is_floating_point
+    with torch.autocast(input.device.type, enabled=False):
+        x, w, b = (t.to(ctx.cd) if t is not None else None for t in (input, linear_weight, linear_bias))
+        stats = _RowStats(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
+        grads = _GradSums(x, w, b, need, accum_dtype)
+        g = grad_out.reshape(-1)
+        for r in _chunks(x.shape[0], chunk):
+            logits = F.linear(x[r], w, b)
+            stats.backward_into(logits, r, g[r], lse[r], qsum[r])
+            grads.fold(logits, x[r], w, r)
+        return grads.scaled(None, ctx.dtypes)

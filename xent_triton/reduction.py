@@ -1,0 +1,40 @@
+"""torch's loss reductions over per-row losses, without host syncs."""
+import torch
+
+
+def mean_denominator(n_rows, target, ignore_index, weight):
+    """torch's ``mean`` divisor: the sum of ``weight[target]`` over non-ignored rows for class
+    indices (their count without weights), a device tensor computed without a host sync; the
+    number of rows (an int) for probabilities."""
+    if target is None:
+        return n_rows
+    active = target != ignore_index
+    if weight is None:
+        return active.sum()
+    # Clamp only to gather safely; out-of-range rows are already NaN.
+    C = weight.shape[0]
+    w_t = weight.gather(0, target.long().clamp(0, C - 1).reshape(-1)).view(target.shape)
+    return (w_t * active).sum()
+
+
+def divide(total, denom):
+    return total / (denom.to(total.dtype) if isinstance(denom, torch.Tensor) else denom)
+
+
+def row_grad_scale(denom, dtype, device):
+    """The gradient each row gets when the reduced loss is backpropagated with gradient 1: 1 for
+    ``sum`` (``denom`` None), 1/denominator for ``mean``, by the same division as reduce_rows, so
+    that the two compare equal."""
+    one = torch.ones((), dtype=dtype, device=device)
+    return one if denom is None else divide(one, denom)
+
+
+def reduce_rows(loss, reduction, target=None, ignore_index=-100, weight=None, denom=None):
+    """torch's reductions of a per-row loss (see mean_denominator)."""
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    if denom is None:
+        denom = mean_denominator(loss.numel(), target, ignore_index, weight)
+    return divide(loss.sum(), denom)
