@@ -152,6 +152,13 @@ def main(argv=None) -> int:
     rows = []
     for N, H, V in points:
         rows += run_point(N, H, V, torch.bfloat16, device, methods, timer, log, gpu)
+    if cuda:
+        # Older torch rejects an fp32 addend with bf16 factors in addmm(out_dtype=): the sum then takes
+        # one more pass per chunk (xent_triton/linear.py, _accumulate_mm).
+        from xent_triton import linear as _linear
+        log("xent_linear's fp32 weight-gradient sum: "
+            + ("addmm(out_dtype=float32) into the sum" if _linear._MIXED_ADDMM["ok"]
+               else "bf16 product + add (addmm with out_dtype refused here)"))
     with open(out / "linear.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=COLUMNS)
         wr.writeheader()
