@@ -91,6 +91,25 @@ def test_half_and_single_precision(backend, device, dtype):
     close(g, r, **tol(dtype))
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("x_dtype,p_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+                                             (torch.float32, torch.bfloat16)])
+def test_mixed_dtype_probabilities_promote_like_torch(backend, device, reduction, x_dtype, p_dtype):
+    """torch promotes the loss to the wider of input and probabilities; the value is rounded once."""
+    x = rand_logits((5, 300), x_dtype, device)
+    p = make_target("probs", (5, 300), device).to(p_dtype)
+    ours = xent_triton.cross_entropy(x, p, reduction=reduction)
+    assert ours.dtype == F.cross_entropy(x.detach(), p, reduction=reduction).dtype == torch.promote_types(x_dtype,
+                                                                                                          p_dtype)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, p.double(), reduction=reduction)
+    close(ours, ref, **tol(torch.float32))  # inputs are exact in float64; only the sum's rounding differs
+    (g,) = torch.autograd.grad(ours.sum(), x)
+    (r,) = torch.autograd.grad(ref.sum(), x64)
+    assert g.dtype == x_dtype
+    close(g, r, **tol(x_dtype))
+
+
 def test_ignored_rows_have_zero_gradient(backend, device):
     x = rand_logits((5, 40), torch.float32, device)
     t = torch.tensor([3, -100, 7, -100, 0], device=device)

@@ -1,6 +1,7 @@
 """linear_cross_entropy and LinearCrossEntropyLoss against F.cross_entropy(F.linear(...)), in float64."""
 import itertools
 import os
+import weakref
 
 import pytest
 import torch
@@ -171,13 +172,16 @@ def test_weight_grad_accumulation_dtype(backend, device):
 
 def test_only_one_chunk_of_logits_at_a_time(backend, device, monkeypatch):
     """Every F.linear the chunked loss makes covers at most the default chunk of rows, in the forward
-    and in the recomputing backward."""
-    rows = []
+    and in the recomputing backward, and no earlier chunk's logits are alive when it is made."""
+    rows, alive = [], []
     real_linear = F.linear
 
     def spy(x, w, b=None):
         rows.append(x.shape[0])
-        return real_linear(x, w, b)
+        alive.append(sum(ref() is not None for ref in made))  # earlier chunks still referenced
+        out = real_linear(x, w, b)
+        made.append(weakref.ref(out))
+        return out
 
     monkeypatch.setattr(linear_mod.F, "linear", spy)
     n, V, Hs = 3000, 24, 4
@@ -188,9 +192,12 @@ def test_only_one_chunk_of_logits_at_a_time(backend, device, monkeypatch):
     assert chunk == MIN_CHUNK_ROWS < n
     for reduction in ("mean", "none"):
         rows.clear()
+        alive.clear()
+        made = []
         loss = xent_triton.linear_cross_entropy(x, w, t, reduction=reduction)
         torch.autograd.grad(loss.sum(), (x, w))
         assert max(rows) == chunk and sum(rows) == n * (1 if reduction == "mean" else 2)
+        assert alive == [0] * len(rows)
         assert len(rows) == (3 if reduction == "mean" else 6)
 
 
@@ -260,14 +267,60 @@ def test_autocast(backend, device):
         close(a, e, rtol=2e-2, atol=2e-2)
 
 
-def test_no_grad_and_partial_grads(backend, device):
+def test_no_grad_and_partial_grads(backend, device, monkeypatch):
     x, w, b = make_inputs(device)
     target = make_target("int64", (N,), device)
-    with torch.no_grad():
-        close(xent_triton.linear_cross_entropy(x, w, target, linear_bias=b), reference(x, w, b, target)[0], **F64)
+    built = []
+    real = linear_mod._GradSums
+
+    def spy(*args):
+        built.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(linear_mod, "_GradSums", spy)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            close(xent_triton.linear_cross_entropy(x, w, target, linear_bias=b), reference(x, w, b, target)[0],
+                  **F64)
+    assert built == []  # evaluation computes no gradients
     (gw,) = torch.autograd.grad(xent_triton.linear_cross_entropy(x.detach(), w, target), (w,))
+    assert built == [(False, True, False)]
     theirs, (_, wr) = reference(x, w, None, target)
     close(gw, torch.autograd.grad(theirs, wr)[0], **F64)
+
+
+def test_unreduced_loss_supports_retain_graph(backend, device):
+    x, w, b = make_inputs(device)
+    target = make_target("int64", (N,), device)
+    loss = xent_triton.linear_cross_entropy(x, w, target, linear_bias=b, reduction="none", chunk_size=3)
+    g = torch.randn_like(loss)
+    first = torch.autograd.grad(loss, (x, w, b), g, retain_graph=True)
+    second = torch.autograd.grad(loss, (x, w, b), 2 * g)
+    for a, c in zip(first, second):
+        close(2 * a, c, **F64)
+
+
+def test_options_batch_chunk_size_and_probability_dtype(backend, device, monkeypatch):
+    """torch's options object sets the chunk; fp32 probabilities with bf16 logits give an fp32 loss (torch's
+    promotion)."""
+    rows = []
+    real_linear = F.linear
+    monkeypatch.setattr(linear_mod.F, "linear", lambda x, w, b=None: rows.append(x.shape[0]) or real_linear(x, w, b))
+
+    class Options:
+        batch_chunk_size = 2
+
+    x, w, b = make_inputs(device)
+    xent_triton.linear_cross_entropy(x, w, make_target("int64", (N,), device), options=Options())
+    assert rows == [2, 2, 2, 1]
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    probs = make_target("probs", (N,), device).float()
+    for reduction in ("mean", "none"):
+        ours = xent_triton.linear_cross_entropy(xb, wb, probs, reduction=reduction)
+        theirs = F.cross_entropy(F.linear(xb, wb), probs, reduction=reduction)
+        assert ours.dtype == theirs.dtype == torch.float32
+        close(ours, F.cross_entropy(F.linear(xb, wb).double(), probs.double(), reduction=reduction),
+              **tol(torch.float32))
 
 
 def test_module_matches_functional_and_state_dict(backend, device):
@@ -292,10 +345,16 @@ def test_module_matches_functional_and_state_dict(backend, device):
 def test_same_as_torch_linear_cross_entropy(backend, device, kind):
     x, w, b = make_inputs(device)
     target = make_target(kind, (N,), device)
+    weight = torch.rand(C, dtype=torch.float64, device=device) + 0.1
     for reduction in ("none", "mean"):
-        ours = xent_triton.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, chunk_size=2)
-        theirs = F.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction)
+        kw = dict(linear_bias=b, weight=weight, reduction=reduction, label_smoothing=0.1)
+        ours = xent_triton.linear_cross_entropy(x, w, target, chunk_size=2, **kw)
+        theirs = F.linear_cross_entropy(x, w, target, **kw)
+        assert ours.dtype == theirs.dtype
         close(ours, theirs, **F64)
+        g = torch.randn_like(ours)
+        for a, e in zip(torch.autograd.grad(ours, (x, w, b), g), torch.autograd.grad(theirs, (x, w, b), g)):
+            close(a, e, **F64)
 
 
 def test_compile_traces_without_graph_break(backend, device):
@@ -335,6 +394,12 @@ def test_errors(device):
         lce(x, w, t, chunk_size=0)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         lce(x, w, t, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="accum_dtype must be None, the linear layer's dtype torch.float64"):
+        lce(x, w, t, accum_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor of 11 elements"):
+        xent_triton.LinearCrossEntropyLoss(H, C, weight=torch.ones(C + 1))
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        xent_triton.LinearCrossEntropyLoss(H, C, label_smoothing=2.0)
     with pytest.raises(ValueError, match="K-dimensional loss"):
         lce(x[0], w.view(C, 1, H), t[0])
     loss = lce(x, w, t)
@@ -366,7 +431,8 @@ def test_step_peak_memory_is_far_below_the_logits():
         peaks[fused] = torch.cuda.max_memory_allocated() - base
         del loss, grads
     logits_bytes = n * V * 2  # 1 GiB
-    # One chunk of logits (1024 rows: 62.5 MiB), dx (8 MiB), the fp32 weight-gradient sum (31 MiB; and
-    # one chunk's bf16 product, 16 MiB, where addmm has no out_dtype), the bf16 weight gradient (16 MiB).
+    # The forward: one chunk of logits (1024 rows: 62.5 MiB), dx (8 MiB), the fp32 weight-gradient sum
+    # (31 MiB; and one chunk's bf16 product, 16 MiB, where addmm has no out_dtype): 102-118 MiB. The
+    # backward, once the chunk is gone, adds the bf16 weight gradient (16 MiB). 1/6 of the logits: 171 MiB.
     assert peaks[True] < logits_bytes / 6, peaks
     assert peaks[True] < peaks[False] / 8, peaks

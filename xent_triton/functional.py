@@ -8,7 +8,7 @@ from . import validation as v
 from . import launch_config
 from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
 from .layout import check_inplace, make_rows
-from .linear import LinearCrossEntropyFunction, default_chunk_rows
+from .linear import LinearCrossEntropyFunction, compute_dtype, default_chunk_rows
 from .ops import loss_dtype_of
 from .reduction import mean_denominator, reduce_rows, row_grad_scale
 
@@ -125,16 +125,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     v.check_options(reduction, label_smoothing, softcap)
 
     autocast = _autocast_on(input)
-    out_dtype = loss_dtype_of(input, autocast)
-    # Reductions sum the fp32 per-row losses and round once.
-    loss_fp32 = autocast or reduction != "none"
-    index_target = target if hard else None
+    labels, index_target = (None, target) if hard else (target, None)
+    # torch's result dtype: fp32 under autocast, else the input's, promoted with probabilities'.
+    out_dtype = loss_dtype_of(input, True, labels) if autocast else \
+        torch.promote_types(input.dtype, labels.dtype) if labels is not None else input.dtype
+    # Reductions sum the fp32 per-row losses and round once; so does a result wider than the input.
+    loss_fp32 = autocast or reduction != "none" or out_dtype != input.dtype
     n_rows = input.numel() // C if C else 0
     denom = mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
     step_scale = None
-    if _takes_fused_step(input, None if hard else target, n_rows, C, reduction, inplace_backward):
-        step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32), input.device)
-    loss, lse = _per_row(input, None if hard else target, index_target, weight, axis, ignore_index,
+    if _takes_fused_step(input, labels, n_rows, C, reduction, inplace_backward):
+        step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32, labels), input.device)
+    loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index,
                          label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
     loss = reduce_rows(loss, reduction, index_target, ignore_index, weight, denom)
     loss = loss.to(out_dtype)
@@ -171,8 +173,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                          chunk_size=None, accum_dtype=None, options=None):
     r"""``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the whole logits.
 
-    A drop-in for torch's ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13; same
-    arguments and results), that also runs on older torch. The rows are processed ``chunk_size``
+    A drop-in for torch's ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13: same
+    arguments, values and dtypes; bad input gets this package's errors), that also runs on older
+    torch. The rows are processed ``chunk_size``
     at a time, so only one chunk's logits (and, in training, its gradient, written over them) is
     ever in memory; see ``xent_triton/linear.py``.
 
@@ -192,8 +195,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             ``next_pow2(ceil(N / ceil(C / in_features)))`` (a chunk's logits the input's size); see
             ``linear.default_chunk_rows`` for why.
         accum_dtype (torch.dtype, optional): the dtype the weight and bias gradients are summed over
-            chunks in. Default: float32 for half-precision weights (a ``(C, in_features)`` float32
-            buffer), else the weight's dtype. Pass the weight's half dtype to sum in place.
+            chunks in: the linear layer's dtype, or float32 for a half one. Default: float32 for
+            half-precision weights (a ``(C, in_features)`` float32 buffer), else the weight's dtype.
+            Pass the half dtype to sum in place.
         options: torch's ``LinearCrossEntropyOptions``; only its ``batch_chunk_size`` is used
             (xent_triton always chunks). Default: None.
 
@@ -257,6 +261,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if probabilities and target.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("linear_cross_entropy: gradients with respect to probability targets are not "
                                   "supported; pass target.detach()")
+    cd = compute_dtype(input, linear_weight, linear_bias)
+    allowed = (None, cd) + ((torch.float32,) if cd in (torch.float16, torch.bfloat16) else ())
+    if accum_dtype not in allowed:
+        raise ValueError(f"accum_dtype must be None, the linear layer's dtype {cd}, or float32 for a half one; "
+                         f"got {accum_dtype}")
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -272,6 +281,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     else:
         chunk = chunk_size or default_chunk_rows(n, C, in_features)
         params = (int(ignore_index), reduction, float(label_smoothing), float(lse_square_scale), softcap, chunk,
-                  accum_dtype)
+                  accum_dtype, torch.is_grad_enabled())
         loss = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, params)
     return loss.view(batch) if reduction == "none" else loss

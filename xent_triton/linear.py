@@ -61,20 +61,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     ``input`` is (rows, in_features), ``linear_weight`` (classes, in_features), ``target`` class indices
     (rows,) or probabilities (rows, classes) that need no gradient. ``params`` is (ignore_index,
-    reduction, label_smoothing, lse_square_scale, softcap, chunk, accum_dtype). Inputs are assumed
-    validated (see :func:`xent_triton.linear_cross_entropy`). Returns the reduced loss, or the per-row
-    loss for ``reduction='none'``.
+    reduction, label_smoothing, lse_square_scale, softcap, chunk, accum_dtype, grad_enabled), the last
+    being ``torch.is_grad_enabled()`` at the call (inside ``forward`` grad mode is always off). Inputs
+    are assumed validated (see :func:`xent_triton.linear_cross_entropy`). Returns the reduced loss, or
+    the per-row loss for ``reduction='none'``, in torch's dtype for the unfused loss.
     """
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, params):
-        ignore_index, reduction, smoothing, z_scale, softcap, chunk, accum_dtype = params
+        ignore_index, reduction, smoothing, z_scale, softcap, chunk, accum_dtype, grad_enabled = params
         autocast = torch.is_autocast_enabled(input.device.type)
         cd = compute_dtype(input, linear_weight, linear_bias)
-        need = tuple(ctx.needs_input_grad[:3])
+        need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])
         hard = not target.dtype.is_floating_point
         n = input.shape[0]
-        loss_dtype = torch.float64 if cd == torch.float64 else torch.float32
+        loss_dtype = acc_dtype(cd, cd if hard else target.dtype)
+        # The unfused loss's dtype: the logits' (promoted with probabilities'), or fp32 under autocast.
+        out_dtype = loss_dtype if autocast else cd if hard else torch.promote_types(cd, target.dtype)
         with torch.autocast(input.device.type, enabled=False):
             x, w, b = (t.to(cd) if t is not None else None for t in (input, linear_weight, linear_bias))
             stats = _RowStats(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
@@ -88,7 +91,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             loss = torch.empty(n, dtype=loss_dtype, device=input.device)
             lse = qsum = None
             if any(need) and not eager:
-                lse = torch.empty(n, dtype=acc_dtype(cd, target.dtype), device=input.device)
+                lse = torch.empty(n, dtype=loss_dtype, device=input.device)
                 qsum = torch.empty_like(lse)
             for r in _chunks(n, chunk):
                 logits = F.linear(x[r], w, b)
@@ -98,14 +101,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     grads.fold(logits, x[r], w, r)
                 elif lse is not None:
                     lse[r], qsum[r] = lse_r, qsum_r
+                # Let the chunk go before the next one is made: one chunk of logits alive, not two.
+                del logits
             if reduction == "sum":
                 out = loss.sum()
             elif reduction == "mean":
                 out = divide(loss.sum(), denom)
             else:
                 out = loss
-            if not autocast:
-                out = out.to(cd)
+            out = out.to(out_dtype)
         ctx.eager = eager
         ctx.params = params
         ctx.dtypes = (input.dtype, linear_weight.dtype, linear_bias.dtype if linear_bias is not None else None)
@@ -196,9 +200,10 @@ _MIXED_ADDMM = {"ok": True}
 
 
 def _accumulate_mm(acc, a, b):
-    """``acc += a @ b``. For an fp32 ``acc`` and half ``a``, ``b``, cuBLAS sums the product into
-    ``acc`` from its fp32 accumulator (``out_dtype``); where that is missing (the CPU, older torch)
-    the product is rounded to the half dtype once and added."""
+    """``acc += a @ b``, where ``acc`` has the dtype of ``a`` and ``b`` or is fp32 for half ones
+    (linear_cross_entropy checks ``accum_dtype``). In the fp32 case cuBLAS sums the product into
+    ``acc`` from its fp32 accumulator (``out_dtype``); where that is missing (the CPU; some torch
+    versions refuse an fp32 addend) the product is rounded to the half dtype once and added."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
@@ -206,15 +211,17 @@ def _accumulate_mm(acc, a, b):
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
-            _MIXED_ADDMM["ok"] = False
+            _MIXED_ADDMM["ok"] = False  # the op's argument checks refused it: they run before any write
     acc += a @ b
 
 
 def _recompute_grads(ctx, grad_out):
     """reduction='none': recompute each chunk's logits and fold its dlogits for the rows' own gradients."""
     input, linear_weight, linear_bias, target, weight, lse, qsum = ctx.saved_tensors
-    ignore_index, _reduction, smoothing, z_scale, softcap, chunk, accum_dtype = ctx.params
+    ignore_index, _reduction, smoothing, z_scale, softcap, chunk, accum_dtype, _ = ctx.params
     need = tuple(ctx.needs_input_grad[:3])
     hard = not target.dtype.is_floating_point
     with torch.autocast(input.device.type, enabled=False):
@@ -226,4 +233,5 @@ def _recompute_grads(ctx, grad_out):
             logits = F.linear(x[r], w, b)
             stats.backward_into(logits, r, g[r], lse[r], qsum[r])
             grads.fold(logits, x[r], w, r)
+            del logits
         return grads.scaled(None, ctx.dtypes)

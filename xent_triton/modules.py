@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn import _reduction
 
 from . import functional as F
+from . import validation as v
 
 
 class CrossEntropyLoss(nn.Module):
@@ -59,6 +60,8 @@ class LinearCrossEntropyLoss(nn.Module):
                  reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None,
                  lse_square_scale=0.0, softcap=None, chunk_size=None, accum_dtype=None):
         super().__init__()
+        v.check_weight(weight, num_classes)
+        v.check_options(reduction, label_smoothing, softcap)
         self.num_classes = num_classes
         self.out_features = tuple(out_features)
         self.linear = nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
@@ -86,4 +89,4 @@ class LinearCrossEntropyLoss(nn.Module):
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
                 f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
                 f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}")
+                f"label_smoothing={self.label_smoothing}, options={self.options}")

@@ -29,9 +29,10 @@ def _impl(device: torch.device):
     return impl
 
 
-def loss_dtype_of(logits: Tensor, loss_fp32: bool) -> torch.dtype:
-    """The per-row loss dtype: the logits', or fp32 (not for fp64 logits) when asked for."""
-    return torch.float32 if loss_fp32 and logits.dtype != torch.float64 else logits.dtype
+def loss_dtype_of(logits: Tensor, loss_fp32: bool, labels: Optional[Tensor] = None) -> torch.dtype:
+    """The per-row loss dtype: the logits', or when asked for (``loss_fp32``) the accumulation
+    dtype: fp32, fp64 where the logits or labels are fp64."""
+    return _stat_dtype(logits, labels) if loss_fp32 else logits.dtype
 
 
 def _stat_dtype(logits: Tensor, labels: Optional[Tensor]) -> torch.dtype:
@@ -47,7 +48,7 @@ def xent_forward(
     """Per-row (loss, lse, qsum). ``class_offset``/``n_classes`` describe a vocabulary shard."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     out = _impl(logits.device).forward(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype_of(logits, loss_fp32))
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype_of(logits, loss_fp32, labels))
     return tuple(t.view(rows.batch_shape) for t in out)
 
 
@@ -56,7 +57,7 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
       class_offset=0, n_classes=-1):
     shape = batch_shape(logits.shape, axis)
     stat = _stat_dtype(logits, labels)
-    return (logits.new_empty(shape, dtype=loss_dtype_of(logits, loss_fp32)),
+    return (logits.new_empty(shape, dtype=loss_dtype_of(logits, loss_fp32, labels)),
             logits.new_empty(shape, dtype=stat), logits.new_empty(shape, dtype=stat))
 
 
@@ -176,8 +177,9 @@ def xent_step(
     """
     rows = make_rows(logits, labels, target, weight, axis)
     dx, _ = _grad_buffers(logits, labels, axis, True, False, new_output)
+    loss_dtype = loss_dtype_of(logits, loss_fp32, labels)
     loss, lse, qsum, written = _impl(logits.device).step(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype_of(logits, loss_fp32), scale, dx)
+        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype, scale, dx)
     return (tuple(t.view(rows.batch_shape) for t in (loss, lse, qsum))
             + (_as_grads(dx, None, logits, labels, axis)[0], written))
 
