@@ -72,7 +72,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, reduction, smoothing, z_scale, softcap, chunk, accum_dtype, grad_enabled = params
         autocast = torch.is_autocast_enabled(input.device.type)
         cd = compute_dtype(input, linear_weight, linear_bias)
-        need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])
+        need = tuple(grad_enabled and req for req in ctx.needs_input_grad[:3])
         hard = not target.dtype.is_floating_point
         n = input.shape[0]
         loss_dtype = acc_dtype(cd, cd if hard else target.dtype)
