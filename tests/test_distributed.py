@@ -165,6 +165,14 @@ def _check_probability_target(counter, case, gen):
     _close(loss, ref, 1e-10, 1e-12, "probability loss")
     _close(x.grad, case.unshard(xr.grad), 1e-10, 1e-12, "probability dlogits")
     _close(p.grad, case.unshard(pr.grad), 1e-10, 1e-12, "probability dtarget")
+    # fp32 logits with fp64 probabilities: torch's promoted dtype, and the fp64 accumulation behind it.
+    x32 = case.shard(x_full.float(), torch.float32, False)
+    mixed = xd.cross_entropy(x32, p.detach(), reduction="none")
+    counter.take()  # a new dtype pair may exchange the shard layout first: not what is counted here
+    ref = F.cross_entropy(x_full.float(), p_full, reduction="none")
+    assert mixed.dtype == ref.dtype == torch.float64, (mixed.dtype, ref.dtype)
+    _close(mixed, F.cross_entropy(x_full.float().double(), p_full, reduction="none"), 1e-10, 1e-12,
+           "mixed-dtype probability loss")
 
 
 def _check_layout_errors(counter, rank):

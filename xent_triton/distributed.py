@@ -237,14 +237,16 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
             classes of all shards).
 
     Returns:
-        The loss, identical on every rank, in the input's dtype (float32 under
-        autocast). ``mean`` divides by the number of non-ignored rows, computed
+        The loss, identical on every rank, in torch's dtype: the input's, promoted
+        with probabilities' (float32 under autocast). ``mean`` divides by the number of non-ignored rows, computed
         locally from ``target`` (no collective).
     """
     axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target)
     v.check_options(reduction, label_smoothing, None)
-    out_dtype = ops.loss_dtype_of(input, _autocast_on(input))
-    loss = _per_row(input, None if hard else target, target if hard else None, axis, ignore_index,
-                    label_smoothing, group)
+    labels = None if hard else target
+    # torch's result dtype: fp32 under autocast, else the input's, promoted with probabilities'.
+    out_dtype = ops.loss_dtype_of(input, True, labels) if _autocast_on(input) else \
+        torch.promote_types(input.dtype, labels.dtype) if labels is not None else input.dtype
+    loss = _per_row(input, labels, target if hard else None, axis, ignore_index, label_smoothing, group)
     return reduce_rows(loss, reduction, target if hard else None, ignore_index).to(out_dtype)
