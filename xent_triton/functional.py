@@ -175,9 +175,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     A drop-in for torch's ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13: same
     arguments, values and dtypes; bad input gets this package's errors), that also runs on older
-    torch. The rows are processed ``chunk_size``
-    at a time, so only one chunk's logits (and, in training, its gradient, written over them) is
-    ever in memory; see ``xent_triton/linear.py``.
+    torch. The rows are processed ``chunk_size`` at a time, so only one chunk's logits (and, in
+    training, its gradient, written over them) is ever in memory; see ``xent_triton/linear.py``.
 
     Args:
         input (Tensor): ``(in_features,)``, ``(N, in_features)``, or ``(*, in_features)`` (any
@@ -203,7 +202,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     Returns:
         The loss: a scalar, or for ``reduction='none'`` one per row of shape ``input.shape[:-1]``;
-        in the linear layer's dtype (float32 under autocast, as torch).
+        in the linear layer's dtype promoted with the probabilities' (float32 under autocast), as torch.
 
     Under ``torch.compile`` the loss is traced unchunked, as ``cross_entropy(F.linear(...))``, so
     it compiles without a graph break. Gradients flow to ``input``, ``linear_weight`` and
