@@ -110,6 +110,29 @@ def test_mixed_dtype_probabilities_promote_like_torch(backend, device, reduction
     close(g, r, **tol(x_dtype))
 
 
+def test_class_weights_promote_like_torch_for_probabilities(backend, device):
+    x = rand_logits((5, 30), torch.float32, device)
+    p = make_target("probs", (5, 30), device).float()
+    w = torch.rand(30, dtype=torch.float64, device=device) + 0.1
+    for reduction in ("none", "sum"):
+        ours = xent_triton.cross_entropy(x, p, weight=w, reduction=reduction)
+        theirs = F.cross_entropy(x.detach(), p, weight=w, reduction=reduction)
+        assert ours.dtype == theirs.dtype == torch.float64
+        close(ours, F.cross_entropy(x.detach().double(), p.double(), weight=w, reduction=reduction),
+              **tol(torch.float32))
+
+
+def test_autocast_keeps_the_fallback_exact(backend, device):
+    """Under autocast fp32 logits and probabilities give an fp32-accurate loss on every backend (the ops turn
+    autocast off inside: CPU autocast would round the fallback's vecdot to bf16)."""
+    x = rand_logits((6, 700), torch.float32, device)
+    p = make_target("probs", (6, 700), device).float()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = xent_triton.cross_entropy(x, p, reduction="none")
+    assert ours.dtype == torch.float32
+    close(ours, F.cross_entropy(x.detach().double(), p.double(), reduction="none"), **tol(torch.float32))
+
+
 def test_ignored_rows_have_zero_gradient(backend, device):
     x = rand_logits((5, 40), torch.float32, device)
     t = torch.tensor([3, -100, 7, -100, 0], device=device)

@@ -278,7 +278,11 @@ def test_public_function_negative_axis_and_autocast(backend, device):
     assert logits.grad.shape == logits.shape and labels.grad.shape == labels.shape
     with torch.autocast(device.type, dtype=torch.bfloat16):
         half = fn.apply(labels.detach().float(), logits.detach().bfloat16(), -1)
-    assert half.dtype == torch.float32
+        # fp64 labels accumulate in fp64, but TF's rule stays: fp32 under autocast.
+        wide = fn.apply(labels.detach(), logits.detach().bfloat16(), -1)
+        wide_fn = xent_triton.softmax_cross_entropy_with_logits(labels.detach(), logits.detach().bfloat16())
+    assert half.dtype == wide.dtype == wide_fn.dtype == torch.float32
+    close(wide, ref_soft(labels.detach(), logits.detach().bfloat16(), -1), rtol=1e-6, atol=1e-6)
 
 
 def test_broadcast_dlabels_summed_before_rounding(backend, device):

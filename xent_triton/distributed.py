@@ -245,8 +245,6 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
     v.check_same_device(input=input, target=target)
     v.check_options(reduction, label_smoothing, None)
     labels = None if hard else target
-    # torch's result dtype: fp32 under autocast, else the input's, promoted with probabilities'.
-    out_dtype = ops.loss_dtype_of(input, True, labels) if _autocast_on(input) else \
-        torch.promote_types(input.dtype, labels.dtype) if labels is not None else input.dtype
+    out_dtype = ops.torch_result_dtype(input.dtype, labels, None, _autocast_on(input))
     loss = _per_row(input, labels, target if hard else None, axis, ignore_index, label_smoothing, group)
     return reduce_rows(loss, reduction, target if hard else None, ignore_index).to(out_dtype)

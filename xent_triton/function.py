@@ -8,6 +8,8 @@ custom op (with its registered autograd), which torch.compile can trace.
 """
 import torch
 
+from .ops import loss_dtype_of
+
 
 class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
     """``loss = SoftmaxCrossEntropyWithLogits.apply(labels, logits, axis)``.
@@ -23,7 +25,7 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
         loss, lse, qsum = torch.ops.xent_triton.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, fp32)
         ctx.save_for_backward(labels, logits, lse, qsum)
         ctx.axis = axis
-        return loss
+        return loss.to(loss_dtype_of(logits, fp32))
 
     @staticmethod
     def backward(ctx, grad):

@@ -9,7 +9,7 @@ from . import launch_config
 from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
 from .layout import check_inplace, make_rows
 from .linear import LinearCrossEntropyFunction, compute_dtype, default_chunk_rows
-from .ops import loss_dtype_of
+from .ops import loss_dtype_of, torch_result_dtype
 from .reduction import mean_denominator, reduce_rows, row_grad_scale
 
 # An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
@@ -68,9 +68,10 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backwa
     v.check_soft_labels(labels, logits, axis)
     v.check_same_device(labels=labels, logits=logits)
     v.check_classes(logits, axis)
-    loss, _ = _per_row(logits, labels, None, None, axis, -100, 0.0, 0.0, None, _autocast_on(logits),
-                       inplace_backward)
-    return loss
+    autocast = _autocast_on(logits)
+    loss, _ = _per_row(logits, labels, None, None, axis, -100, 0.0, 0.0, None, autocast, inplace_backward)
+    # Under autocast the op returns the accumulation dtype (fp64 with fp64 labels): TF's rule is fp32.
+    return loss.to(loss_dtype_of(logits, autocast))
 
 
 def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward=False):
@@ -126,9 +127,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
     autocast = _autocast_on(input)
     labels, index_target = (None, target) if hard else (target, None)
-    # torch's result dtype: fp32 under autocast, else the input's, promoted with probabilities'.
-    out_dtype = loss_dtype_of(input, True, labels) if autocast else \
-        torch.promote_types(input.dtype, labels.dtype) if labels is not None else input.dtype
+    # The per-row loss accumulates in the logits' and labels' precision (fp32, or fp64), not the weights'.
+    out_dtype = torch_result_dtype(input.dtype, labels, weight, autocast)
     # Reductions sum the fp32 per-row losses and round once; so does a result wider than the input.
     loss_fp32 = autocast or reduction != "none" or out_dtype != input.dtype
     n_rows = input.numel() // C if C else 0

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import acc_dtype
+from .ops import torch_result_dtype
 from .reduction import divide, mean_denominator, row_grad_scale
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -76,8 +77,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hard = not target.dtype.is_floating_point
         n = input.shape[0]
         loss_dtype = acc_dtype(cd, cd if hard else target.dtype)
-        # The unfused loss's dtype: the logits' (promoted with probabilities'), or fp32 under autocast.
-        out_dtype = loss_dtype if autocast else cd if hard else torch.promote_types(cd, target.dtype)
+        out_dtype = torch_result_dtype(cd, None if hard else target, weight, autocast)
         with torch.autocast(input.device.type, enabled=False):
             x, w, b = (t.to(cd) if t is not None else None for t in (input, linear_weight, linear_bias))
             stats = _RowStats(target, weight, ignore_index, smoothing, z_scale, softcap, hard)

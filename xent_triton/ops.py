@@ -29,10 +29,31 @@ def _impl(device: torch.device):
     return impl
 
 
+def _run(device: torch.device, method: str, *args, **kwargs):
+    """Call the backend's ``method`` with autocast off: both backends choose their own precision, and
+    autocast would round the fallback's reductions (``linalg.vecdot`` is on CPU autocast's bf16 list)."""
+    with torch.autocast(device.type, enabled=False):
+        return getattr(_impl(device), method)(*args, **kwargs)
+
+
 def loss_dtype_of(logits: Tensor, loss_fp32: bool, labels: Optional[Tensor] = None) -> torch.dtype:
     """The per-row loss dtype: the logits', or when asked for (``loss_fp32``) the accumulation
     dtype: fp32, fp64 where the logits or labels are fp64."""
     return _stat_dtype(logits, labels) if loss_fp32 else logits.dtype
+
+
+def torch_result_dtype(logits_dtype: torch.dtype, labels: Optional[Tensor], weight: Optional[Tensor],
+                       autocast: bool) -> torch.dtype:
+    """The dtype torch's ``cross_entropy`` returns: the logits' (fp32 under autocast, which leaves fp64
+    alone), promoted with probability targets' (``labels``) and, with them, the class weights'."""
+    dtype = logits_dtype
+    if autocast and dtype != torch.float64:
+        dtype = torch.float32
+    if labels is not None:
+        dtype = torch.promote_types(dtype, labels.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
+    return dtype
 
 
 def _stat_dtype(logits: Tensor, labels: Optional[Tensor]) -> torch.dtype:
@@ -47,8 +68,8 @@ def xent_forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, qsum). ``class_offset``/``n_classes`` describe a vocabulary shard."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
-    out = _impl(logits.device).forward(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype_of(logits, loss_fp32, labels))
+    out = _run(logits.device, "forward", rows, ignore_index, label_smoothing, lse_square_scale, softcap,
+               loss_dtype_of(logits, loss_fp32, labels))
     return tuple(t.view(rows.batch_shape) for t in out)
 
 
@@ -102,8 +123,8 @@ def xent_backward(
     """(dlogits, dlabels); a gradient not asked for comes back as an empty tensor."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, new_output)
-    _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-                                  lse_square_scale, softcap, dx, dy)
+    _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+         lse_square_scale, softcap, dx, dy)
     return _as_grads(dx, dy, logits, labels, axis)
 
 
@@ -152,8 +173,8 @@ def xent_backward_inplace(
     rows = make_rows(logits, labels, target, weight, axis)
     check_inplace(rows, logits, axis)
     _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, new_output)
-    _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-                                  lse_square_scale, softcap, rows.logits, dy)
+    _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+         lse_square_scale, softcap, rows.logits, dy)
     return _as_grads(None, dy, logits, labels, axis)[1]
 
 
@@ -178,8 +199,8 @@ def xent_step(
     rows = make_rows(logits, labels, target, weight, axis)
     dx, _ = _grad_buffers(logits, labels, axis, True, False, new_output)
     loss_dtype = loss_dtype_of(logits, loss_fp32, labels)
-    loss, lse, qsum, written = _impl(logits.device).step(
-        rows, ignore_index, label_smoothing, lse_square_scale, softcap, loss_dtype, scale, dx)
+    loss, lse, qsum, written = _run(logits.device, "step", rows, ignore_index, label_smoothing, lse_square_scale,
+                                    softcap, loss_dtype, scale, dx)
     return (tuple(t.view(rows.batch_shape) for t in (loss, lse, qsum))
             + (_as_grads(dx, None, logits, labels, axis)[0], written))
 
@@ -207,9 +228,8 @@ def xent_backward_scaled(
     ``scale``, rows whose ``grad`` equals ``scale`` are kept; every other row is recomputed (exactly,
     from the logits)."""
     rows = make_rows(logits, labels, target, weight, axis)
-    _impl(logits.device).backward(rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-                                  lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale,
-                                  written=written)
+    _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+         lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale, written=written)
 
 
 @xent_backward_scaled.register_fake
