@@ -193,10 +193,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         chunk_size (int, optional): rows per chunk. Default: the larger of 1024 and
             ``next_pow2(ceil(N / ceil(C / in_features)))`` (a chunk's logits the input's size); see
             ``linear.default_chunk_rows`` for why.
-        accum_dtype (torch.dtype, optional): the dtype the weight and bias gradients are summed over
-            chunks in: the linear layer's dtype, or float32 for a half one. Default: float32 for
+        accum_dtype (torch.dtype, optional): the dtype the weight gradient is summed over chunks
+            in: the linear layer's dtype, or float32 for a half one. Default: float32 for
             half-precision weights (a ``(C, in_features)`` float32 buffer), else the weight's dtype.
-            Pass the half dtype to sum in place.
+            Pass the half dtype to sum in place. The bias gradient is always summed in float32
+            (float64 for float64 weights).
         options: torch's ``LinearCrossEntropyOptions``; only its ``batch_chunk_size`` is used
             (xent_triton always chunks). Default: None.
 

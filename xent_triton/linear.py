@@ -164,8 +164,8 @@ class _GradSums:
     """The input, weight and bias gradients, summed over chunks (None where not needed).
 
     The input gradient of a chunk's rows is written once. The weight and bias gradients
-    are sums over all chunks: for half-precision weights they accumulate in ``accum_dtype``
-    (float32 by default), so that the weight gradient is rounded once, as the unfused matmul's.
+    are sums over all chunks: for half-precision weights the weight gradient accumulates in
+    ``accum_dtype`` (float32 by default), so that it is rounded once, as the unfused matmul's.
     """
 
     def __init__(self, x, w, b, need, accum_dtype):
@@ -173,7 +173,8 @@ class _GradSums:
         acc = accum_dtype or (torch.float32 if w.dtype in _HALF else w.dtype)
         self.dx = torch.empty_like(x) if need_x else None
         self.dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
-        self.db = torch.zeros(w.shape[0], dtype=torch.promote_types(acc, torch.float32), device=w.device) \
+        # The bias gradient is C numbers: always summed in fp32 (fp64 for fp64 weights).
+        self.db = torch.zeros(w.shape[0], dtype=acc_dtype(w.dtype), device=w.device) \
             if need_b and b is not None else None
 
     def fold(self, dlogits, x, w, r):
