@@ -35,7 +35,7 @@ def test_seed_worked_example(backend, device):
     logits = torch.tensor([[1.0, 2.0, 3.0]] * 3, device=device)
     labels = torch.tensor([[0.0, 0.0, 1.0]] * 3, device=device)
     loss = sce(labels, logits)
-    close(loss, torch.full((3,), 0.40760596, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    close(loss, torch.full((3,), 0.40760596, dtype=torch.float64, device=device), rtol=1e-6, atol=1e-7)
     assert abs(loss.sum().item() - 1.2228179) < 1e-6
 
 

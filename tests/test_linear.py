@@ -145,13 +145,41 @@ def test_leading_dims_unbatched_and_empty(backend, device):
     assert gx.shape == x0.shape and torch.equal(gw, torch.zeros_like(gw))
 
 
+# The slack on top of twice torch's own error, relative to the largest gradient, is twice this: one
+# unit roundoff for the half dtypes, whose output rounding dominates; 32 for float32, where the order
+# of the chunked sums does (33 rows summed in another order than torch's one matmul).
+_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-19}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision_against_float64(backend, device, dtype, reduction):
+    """The loss within the dtype's tolerance of float64; each gradient no further from float64 than
+    twice torch's own unfused loss in that dtype, plus two unit roundoffs of the gradient's scale
+    (64 in float32).
+
+    An elementwise 1e-2 bound on the gradients is not one torch's own bf16 path meets: over 300
+    seeds of these shapes, F.cross_entropy(F.linear(...)) in bf16 was up to 2.3% of the largest
+    bias gradient away from float64 (the upstream gradient, dlogits and the product are each
+    rounded), and a fixed seed passed or failed by the draw of the device's RNG (it failed on an
+    H100). Over those 300 seeds on the CPU, ours stayed within 0.71 of this bound.
+    """
     x, w, b = make_inputs(device, dtype, n=33)
     target = make_target("int64", (33,), device)
-    t = tol(dtype)
-    check(x, w, b, target, loss_tol=t, grad_tol=t, reduction=reduction, xent_kw=dict(chunk_size=8))
+    ours = xent_triton.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, chunk_size=8)
+    torch_lowp = F.cross_entropy(F.linear(x, w, b), target, reduction=reduction)
+    ref, leaves = reference(x, w, b, target, reduction=reduction)
+    assert ours.dtype == torch_lowp.dtype == dtype
+    close(ours, ref, **tol(dtype))
+    g = torch.randn(ref.shape, dtype=torch.float64, device=device)
+    g_ours = torch.autograd.grad(ours, (x, w, b), g.to(dtype))
+    g_torch = torch.autograd.grad(torch_lowp, (x, w, b), g.to(dtype))
+    g_ref = torch.autograd.grad(ref, leaves, g)
+    for name, a, t, e in zip("xwb", g_ours, g_torch, g_ref):
+        assert a.dtype == dtype and a.shape == e.shape
+        err, err_torch = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+        bound = 2 * err_torch + 2 * _ROUNDOFF[dtype] * e.abs().max().item()
+        assert err <= bound, f"d{name}: max error {err:.3g} > {bound:.3g} (torch's own {dtype}: {err_torch:.3g})"
 
 
 def test_weight_grad_accumulation_dtype(backend, device):
