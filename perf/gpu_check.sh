@@ -7,17 +7,23 @@
 #   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
 #   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~6-8 min) instead of
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
-#   bash perf/gpu_check.sh --linear     # tests + perf/linear_bench.py (the fused linear head, ~2 min) instead
+#   bash perf/gpu_check.sh --linear     # tests + perf/linear_bench.py (the fused linear head, ~1 min) instead
 #                                       # of the sweep: writes $OUT/linear.csv, linear.md, linear_log.txt
+#   bash perf/gpu_check.sh --host --tune-quick   # tests, perf/host_overhead.py and perf/rows_probe.py
+#                                       # (~1 min together), perf.tune_tiles --quick
+#                                       # (~2-3 min) whose tiles.json this run then uses, and the quick sweep
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),
 #   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
-#   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220).
-# Writes into $OUT (the device tool returns at most 8 files): pytest.log, sweep.log, and from the sweep
-# sweep.csv, sweep.md, log.txt, pct_of_copy.png, speedup_vs_compile.png.
+#   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220),
+#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), TUNE_TIMEOUT_S (520; 240 with --tune-quick).
+# Writes into $OUT: pytest.log, sweep.log, and from the sweep sweep.csv, sweep.md, log.txt, pct_of_copy.png,
+# speedup_vs_compile.png (and the other stages' files). The device tool returns at most 8 files: past 8,
+# everything is packed into $OUT/bundle.tar.gz and only the summaries stay beside it.
 # Exit status: 0 all good; bit 1 set when the tests failed (or found none, or timed out); bit 2 set when the
-# sweep or linear_bench failed or had a FAIL/ERROR row. The sweep runs even when the tests fail.
+# sweep, linear_bench, host_overhead or the quick tuning failed, or the sweep had a FAIL/ERROR row. The sweep
+# runs even when the tests fail.
 set -uo pipefail
 
 OUT="${OUT:-/tmp/xent_gpu_check}"
@@ -25,7 +31,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
 
-FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; TUNE_QUICK=0
 for a in "$@"; do
   case "$a" in
     --full) FULL=1 ;;
@@ -33,7 +39,9 @@ for a in "$@"; do
     --no-sweep) RUN_SWEEP=0 ;;
     --tune) TUNE=1; RUN_SWEEP=0 ;;
     --linear) LINEAR=1; RUN_SWEEP=0 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --host) HOST=1 ;;
+    --tune-quick) TUNE_QUICK=1 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -124,6 +132,35 @@ if [ "$RUN_TESTS" = 1 ]; then
   esac
 fi
 
+# ---------------------------------------------------------------- (c') host time of small problems
+HOST_RC=-1
+if [ "$HOST" = 1 ]; then
+  say "python3 -m perf.host_overhead --out $OUT"
+  timeout -k 20 "${HOST_TIMEOUT_S:-120}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m perf.host_overhead --out "$OUT" 2>&1 | tee "$OUT/host.log"
+  HOST_RC=${PIPESTATUS[0]}
+  say "host_overhead: rc $HOST_RC"
+  say "python3 -m perf.rows_probe --out $OUT"
+  timeout -k 20 "${ROWS_TIMEOUT_S:-90}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m perf.rows_probe --out "$OUT" 2>&1 | tee "$OUT/rows_probe.log"
+  RP=${PIPESTATUS[0]}
+  say "rows_probe: rc $RP"
+  [ "$RP" != 0 ] && HOST_RC=$((HOST_RC == 0 ? RP : HOST_RC))
+fi
+
+# ---------------------------------------------------------------- (c'') quick tile tuning, used by this run's sweep
+TUNEQ_RC=-1
+if [ "$TUNE_QUICK" = 1 ]; then
+  say "python3 -m perf.tune_tiles --quick --out $OUT"
+  timeout -k 30 "${TUNE_TIMEOUT_S:-240}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
+    python3 -m perf.tune_tiles --quick --out "$OUT" 2>&1 | tee "$OUT/tune.log"
+  TUNEQ_RC=${PIPESTATUS[0]}
+  say "tune --quick: rc $TUNEQ_RC"
+  if [ -s "$OUT/tiles.json" ]; then
+    cp "$OUT/tiles.json" xent_triton/tiles.json && say "this run's sweep uses the tiles.json just measured"
+  fi
+fi
+
 # ---------------------------------------------------------------- (d') tile tuning (instead of the sweep)
 if [ "$TUNE" = 1 ]; then
   say "python3 -m perf.tune_tiles --out $OUT"
@@ -168,6 +205,19 @@ if [ "$RUN_TESTS" = 1 ]; then
 fi
 [ "$RUN_SWEEP" = 1 ] && echo "sweep: rc $SWEEP_RC ($([ "$FULL" = 1 ] && echo default grid || echo --quick))"
 [ "$LINEAR" = 1 ] && echo "linear_bench: rc $LINEAR_RC"
+[ "$HOST" = 1 ] && echo "host_overhead: rc $HOST_RC"
+[ "$TUNE_QUICK" = 1 ] && echo "tune --quick: rc $TUNEQ_RC"
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+  # The device tool returns 8 files at most: pack them all, keep the summaries readable beside the pack.
+  tar czf /tmp/bundle.tar.gz -C "$OUT" . && mv /tmp/bundle.tar.gz "$OUT/bundle.tar.gz"
+  for f in "$OUT"/*; do
+    case "$(basename "$f")" in
+      bundle.tar.gz|sweep.md|host_overhead.md|tiles.json|linear.md|pytest.log|rows_probe.csv) ;;
+      *) rm -f "$f" ;;
+    esac
+  done
+  echo "more than 8 files: packed into bundle.tar.gz"
+fi
 echo "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 echo "elapsed: $(( $(date +%s) - T0 )) s"
 
@@ -175,4 +225,6 @@ RC=0
 if [ "$RUN_TESTS" = 1 ] && [ "$TEST_RC" != 0 ]; then RC=$((RC | 1)); fi
 if [ "$RUN_SWEEP" = 1 ] && [ "$SWEEP_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$LINEAR" = 1 ] && [ "$LINEAR_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$HOST" = 1 ] && [ "$HOST_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$TUNE_QUICK" = 1 ] && [ "$TUNEQ_RC" != 0 ]; then RC=$((RC | 2)); fi
 exit "$RC"

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import xent_triton
+from xent_triton.function import SoftmaxCrossEntropyWithLogits
 from helpers import close, rand_logits, rand_probs
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -135,3 +136,58 @@ def test_cuda_graph_capture_and_replay(monkeypatch, shape, fused_step):
         ref_loss, ref_g = step()
         close(static_loss, ref_loss, rtol=0, atol=0)
         close(static_g, ref_g, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ eager calls skip the dispatcher (ops._direct)
+
+def _all_paths(device):
+    """Loss and gradients of each entry point that reaches the ops, for the same inputs."""
+    torch.manual_seed(3)
+    x = rand_logits((9, 41), torch.float32, device)
+    y = rand_probs((9, 41), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, 41, (9,), device=device)
+    t[2] = -100
+    w = torch.rand(41, device=device) + 0.5
+    cases = [
+        (lambda: xent_triton.softmax_cross_entropy_with_logits(y, x).sum(), [x, y]),
+        (lambda: xent_triton.cross_entropy(x, t, weight=w, label_smoothing=0.1, lse_square_scale=1e-3), [x]),
+        (lambda: xent_triton.cross_entropy(x * 1.0, t, inplace_backward=True, reduction="sum"), [x]),
+        (lambda: SoftmaxCrossEntropyWithLogits.apply(y, x, -1).mean(), [x, y]),
+        (lambda: xent_triton.cross_entropy(x, y.detach(), reduction="none").sum(), [x]),
+    ]
+    return [(loss.detach(), *torch.autograd.grad(loss, wrt)) for loss, wrt in ((f(), wrt) for f, wrt in cases)]
+
+
+def test_eager_direct_path_equals_custom_ops(backend, device, monkeypatch):
+    """The eager path (implementation called directly) and the custom ops give bitwise the same losses and
+    gradients, for plain, weighted/smoothed/z-loss, in-place and Function entry points."""
+    from xent_triton import ops
+    direct = _all_paths(device)
+    monkeypatch.setattr(ops, "_direct", lambda *t: False)
+    through_ops = _all_paths(device)
+    for a, b in zip(direct, through_ops):
+        for u, v in zip(a, b):
+            assert (u is None) == (v is None)
+            if u is not None:
+                assert torch.equal(u, v)
+
+
+def test_direct_only_for_plain_eager_tensors(device):
+    """ops._direct: plain tensors in eager mode only; fake tensors, torch.func transforms and tensor
+    subclasses go through the custom ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from xent_triton import ops
+    x = torch.randn(3, 5, device=device)
+    assert ops._direct(x, None, torch.nn.Parameter(x.clone()))
+    with FakeTensorMode() as mode:
+        assert not ops._direct(mode.from_tensor(x))
+        assert not ops._direct(torch.empty(3, 5, device=device))  # the mode alone is enough
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not ops._direct(x.as_subclass(Sub))
+    seen = []
+    torch.func.grad(lambda z: seen.append(ops._direct(z)) or z.sum())(x)
+    assert seen == [False]

@@ -8,6 +8,7 @@ custom op (with its registered autograd), which torch.compile can trace.
 """
 import torch
 
+from . import ops
 from .ops import loss_dtype_of
 
 
@@ -22,7 +23,7 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
     def forward(ctx, labels, logits, axis):
         axis = axis % logits.dim()
         fp32 = torch.is_autocast_enabled(logits.device.type)
-        loss, lse, qsum = torch.ops.xent_triton.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, fp32)
+        loss, lse, qsum = ops.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, fp32)
         ctx.save_for_backward(labels, logits, lse, qsum)
         ctx.axis = axis
         return loss.to(loss_dtype_of(logits, fp32))
@@ -33,7 +34,7 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
             raise RuntimeError("xent_triton: double backward is not supported")
         labels, logits, lse, qsum = ctx.saved_tensors
         need_dy, need_dx = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dlogits, dlabels = torch.ops.xent_triton.backward(
+        dlogits, dlabels = ops.backward(
             grad, logits, labels, None, None, lse, qsum, ctx.axis, -100, 0.0, 0.0, 0.0, need_dx, need_dy)
         return (dlabels if need_dy else None), (dlogits if need_dx else None), None
 
@@ -53,7 +54,7 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                 softcap, loss_fp32):
-        loss, lse, qsum = torch.ops.xent_triton.forward(
+        loss, lse, qsum = ops.forward(
             logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32)
         ctx.mark_non_differentiable(lse)
@@ -73,7 +74,7 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
         ctx.logits = None
         labels, target, weight, lse, qsum = ctx.saved_tensors
         need_dy = ctx.needs_input_grad[1]
-        dlabels = torch.ops.xent_triton.backward_inplace(
+        dlabels = ops.backward_inplace(
             grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dy)
         return (logits, dlabels if need_dy else None) + (None,) * 8
 
@@ -97,7 +98,7 @@ class FusedStepCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                 softcap, loss_fp32, scale):
         params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
-        loss, lse, qsum, dlogits, written = torch.ops.xent_triton.step(logits, labels, target, weight, *params,
+        loss, lse, qsum, dlogits, written = ops.step(logits, labels, target, weight, *params,
                                                                        loss_fp32, scale)
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(logits, labels, target, weight, lse, qsum, scale, written)
@@ -112,9 +113,9 @@ class FusedStepCrossEntropy(torch.autograd.Function):
         logits, labels, target, weight, lse, qsum, scale, written = ctx.saved_tensors
         dlogits, ctx.dlogits = ctx.dlogits, None
         if dlogits is None:
-            dlogits, _ = torch.ops.xent_triton.backward(
+            dlogits, _ = ops.backward(
                 grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, True, False)
         else:
-            torch.ops.xent_triton.backward_scaled(grad_loss, logits, labels, target, weight, lse, qsum, scale,
+            ops.backward_scaled(grad_loss, logits, labels, target, weight, lse, qsum, scale,
                                                   written, dlogits, *ctx.params)
         return (dlogits,) + (None,) * 10

@@ -9,6 +9,7 @@ from . import launch_config
 from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
 from .layout import check_inplace, make_rows
 from .linear import LinearCrossEntropyFunction, compute_dtype, default_chunk_rows
+from . import ops
 from .ops import loss_dtype_of, torch_result_dtype
 from .reduction import mean_denominator, reduce_rows, row_grad_scale
 
@@ -35,7 +36,7 @@ def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing
                                "hold its own gradient; pass the output of an op, e.g. the lm head's logits")
         check_inplace(make_rows(logits, labels, target, weight, axis), logits, axis)
         return InplaceGradCrossEntropy.apply(*args)
-    loss, lse, _qsum = torch.ops.xent_triton.forward(*args)
+    loss, lse, _qsum = ops.forward(*args)
     return loss, lse
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 # Programs per SM we aim for before splitting a row across programs.
 _PROGRAMS_PER_SM = 2
@@ -34,6 +33,17 @@ FUSED_STEP_ENV = "XENT_TRITON_FUSED_STEP"
 # Persistent programs per SM of the fused step: few, so that programs x row bytes fit in L2.
 _STEP_PROGRAMS_PER_SM = 2
 TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host integers. Triton's is a constexpr function, whose wrapper cost ~8 us a
+    call on the host (cProfile, triton 3.9): launches are chosen on every call, so it showed."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host integers (see cdiv)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ def _tile(pass_name: str, n_cols: int, itemsize: int):
     """(BLOCK, num_warps): forced, measured, or the anchors' heuristic."""
     if FORCE_TILE is not None:
         return FORCE_TILE
-    p2 = triton.next_power_of_2(max(n_cols, 1))
+    p2 = next_pow2(max(n_cols, 1))
     for max_cols, block, warps in measured_tiles().get(pass_name, {}).get(itemsize, []):
         if n_cols <= max_cols:
             return min(block, p2), warps if block <= p2 else max(1, min(warps, p2 // 128))
@@ -85,9 +95,9 @@ def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
         if n_rows < want:
             # Split only into parts of several blocks each: a part's partial
             # statistics cost a write, a read and a second launch.
-            split = max(1, min(triton.cdiv(want, max(n_rows, 1)), triton.cdiv(n_cols, 4 * block), _MAX_SPLIT))
-    cols = triton.cdiv(triton.cdiv(n_cols, split), block) * block
-    return Launch(block=block, num_warps=num_warps, split=triton.cdiv(n_cols, cols), cols_per_prog=cols)
+            split = max(1, min(cdiv(want, max(n_rows, 1)), cdiv(n_cols, 4 * block), _MAX_SPLIT))
+    cols = cdiv(cdiv(n_cols, split), block) * block
+    return Launch(block=block, num_warps=num_warps, split=cdiv(n_cols, cols), cols_per_prog=cols)
 
 
 # Short rows (kernels/xent_rows.py): V up to this many classes is loaded as whole rows, ROWS at a time,
@@ -115,7 +125,7 @@ def rows_launch(n_rows, n_cols, device) -> Optional[RowsLaunch]:
     """
     if n_cols > _ROWS_MAX_V or FORCE_ROWS == 1:
         return None
-    block = triton.next_power_of_2(max(n_cols, 1))
+    block = next_pow2(max(n_cols, 1))
     rows = min(_ROWS_MAX, max(1, _ROWS_TILE // block))
     if FORCE_ROWS is None:
         per_program = n_rows // (_PROGRAMS_PER_SM * _sm_count(device.type, device.index))
@@ -167,7 +177,7 @@ def _measured_step(n_cols, itemsize, hard: bool):
 
 def step_launch(n_cols, itemsize, device, hard: bool = True) -> StepLaunch:
     """Launch of the fused step (kernels/xent_step.py): forced, measured, or a heuristic."""
-    p2 = triton.next_power_of_2(max(n_cols, 1))
+    p2 = next_pow2(max(n_cols, 1))
     measured = _measured_step(n_cols, itemsize, hard)
     if FORCE_STEP is not None:
         block, warps, per_sm = FORCE_STEP

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import acc_dtype
+from . import ops
 from .ops import torch_result_dtype
 from .reduction import divide, mean_denominator, row_grad_scale
 
@@ -152,12 +153,12 @@ class _RowStats:
 
     def forward(self, logits, r):
         labels, t = self._rows(r)
-        return torch.ops.xent_triton.forward(logits, labels, t, self.weight, 1, *self.opts, True)
+        return ops.forward(logits, labels, t, self.weight, 1, *self.opts, True)
 
     def backward_into(self, logits, r, g, lse, qsum):
         """dlogits for upstream gradients ``g``, written over ``logits``."""
         labels, t = self._rows(r)
-        torch.ops.xent_triton.backward_inplace(g, logits, labels, t, self.weight, lse, qsum, 1, *self.opts, False)
+        ops.backward_inplace(g, logits, labels, t, self.weight, lse, qsum, 1, *self.opts, False)
 
 
 class _GradSums:

@@ -32,8 +32,11 @@ def _impl(device: torch.device):
 def _run(device: torch.device, method: str, *args, **kwargs):
     """Call the backend's ``method`` with autocast off: both backends choose their own precision, and
     autocast would round the fallback's reductions (``linalg.vecdot`` is on CPU autocast's bf16 list)."""
+    fn = getattr(_impl(device), method)
+    if not torch.is_autocast_enabled(device.type):
+        return fn(*args, **kwargs)  # entering an autocast context costs more host time than the check
     with torch.autocast(device.type, enabled=False):
-        return getattr(_impl(device), method)(*args, **kwargs)
+        return fn(*args, **kwargs)
 
 
 def loss_dtype_of(logits: Tensor, loss_fp32: bool, labels: Optional[Tensor] = None) -> torch.dtype:
@@ -60,8 +63,7 @@ def _stat_dtype(logits: Tensor, labels: Optional[Tensor]) -> torch.dtype:
     return acc_dtype(logits.dtype, labels.dtype if labels is not None else logits.dtype)
 
 
-@torch.library.custom_op("xent_triton::forward", mutates_args=())
-def xent_forward(
+def _forward_impl(
     logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     loss_fp32: bool, class_offset: int = 0, n_classes: int = -1,
@@ -71,6 +73,9 @@ def xent_forward(
     out = _run(logits.device, "forward", rows, ignore_index, label_smoothing, lse_square_scale, softcap,
                loss_dtype_of(logits, loss_fp32, labels))
     return tuple(t.view(rows.batch_shape) for t in out)
+
+
+xent_forward = torch.library.custom_op("xent_triton::forward", mutates_args=())(_forward_impl)
 
 
 @xent_forward.register_fake
@@ -114,8 +119,7 @@ def _as_grads(dx, dy, logits, labels, axis):
     return dlogits, dlabels
 
 
-@torch.library.custom_op("xent_triton::backward", mutates_args=())
-def xent_backward(
+def _backward_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     lse: Tensor, qsum: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
     softcap: float, need_dlogits: bool, need_dlabels: bool, class_offset: int = 0, n_classes: int = -1,
@@ -126,6 +130,9 @@ def xent_backward(
     _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
          lse_square_scale, softcap, dx, dy)
     return _as_grads(dx, dy, logits, labels, axis)
+
+
+xent_backward = torch.library.custom_op("xent_triton::backward", mutates_args=())(_backward_impl)
 
 
 @xent_backward.register_fake
@@ -152,7 +159,7 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
     need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dx or need_dy):
         return (None,) * 12
-    dlogits, dlabels = torch.ops.xent_triton.backward(
+    dlogits, dlabels = backward(
         grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy, *ctx.shard)
     return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
 
@@ -160,8 +167,24 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
 torch.library.register_autograd("xent_triton::forward", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("xent_triton::backward_inplace", mutates_args=("logits",))
-def xent_backward_inplace(
+class _ForwardFunction(torch.autograd.Function):
+    """The autograd formula of ``xent_triton::forward`` (the same two functions) for direct calls.
+
+    ``forward(ctx, ...)`` rather than a ``setup_context``: that form binds the arguments through
+    ``inspect.signature`` on every call."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _forward_impl(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def _backward_inplace_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     lse: Tensor, qsum: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
     softcap: float, need_dlabels: bool,
@@ -178,6 +201,10 @@ def xent_backward_inplace(
     return _as_grads(None, dy, logits, labels, axis)[1]
 
 
+xent_backward_inplace = torch.library.custom_op("xent_triton::backward_inplace",
+                                                mutates_args=("logits",))(_backward_inplace_impl)
+
+
 @xent_backward_inplace.register_fake
 def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
       softcap, need_dlabels):
@@ -185,8 +212,7 @@ def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label
     return _as_grads(None, dy, logits, labels, axis)[1]
 
 
-@torch.library.custom_op("xent_triton::step", mutates_args=())
-def xent_step(
+def _step_impl(
     logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     loss_fp32: bool, scale: Tensor,
@@ -205,6 +231,9 @@ def xent_step(
             + (_as_grads(dx, None, logits, labels, axis)[0], written))
 
 
+xent_step = torch.library.custom_op("xent_triton::step", mutates_args=())(_step_impl)
+
+
 @xent_step.register_fake
 def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap, loss_fp32,
       scale):
@@ -218,8 +247,7 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
 # schemas: xent_triton::step reads it, xent_triton::backward_scaled may clear it. It only decides whether
 # dlogits is written early or recomputed, never a value, and the fused step runs in eager mode only
 # (functional._takes_fused_step), so no compiled graph reorders them.
-@torch.library.custom_op("xent_triton::backward_scaled", mutates_args=("dlogits",))
-def xent_backward_scaled(
+def _backward_scaled_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     lse: Tensor, qsum: Tensor, scale: Tensor, written: Tensor, dlogits: Tensor, axis: int, ignore_index: int,
     label_smoothing: float, lse_square_scale: float, softcap: float,
@@ -232,7 +260,87 @@ def xent_backward_scaled(
          lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale, written=written)
 
 
+xent_backward_scaled = torch.library.custom_op("xent_triton::backward_scaled",
+                                               mutates_args=("dlogits",))(_backward_scaled_impl)
+
+
 @xent_backward_scaled.register_fake
 def _(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index, label_smoothing,
       lse_square_scale, softcap):
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calls. Every caller in the package goes through these functions, not torch.ops.xent_triton.*: in
+# eager mode, with plain tensors, they run the implementation directly. The dispatcher's round trip
+# into a Python custom op (its autograd wrapper, argument defaults, dynamo guard) cost more host time
+# than our own launch code (cProfile of a training step: 35%, perf/NOTES.md P14), and for small
+# problems the host time is the time. Under torch.compile, fake or traced tensors, tensor subclasses
+# or torch.func transforms they call the custom ops, which those need.
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def _direct(*tensors) -> bool:
+    """Whether the implementation may run without the dispatcher (see above)."""
+    if _dispatch_modes is None or _functorch_level is None:
+        return False  # no way to tell; the custom op is always right
+    if torch.compiler.is_compiling() or _dispatch_modes() or _functorch_level() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+            loss_fp32, class_offset=0, n_classes=-1):
+    """``xent_triton::forward``, differentiable: per-row (loss, lse, qsum)."""
+    args = (logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+            loss_fp32, class_offset, n_classes)
+    if _direct(logits, labels, target, weight):
+        return _ForwardFunction.apply(*args)
+    return torch.ops.xent_triton.forward(*args)
+
+
+def backward(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+             lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1):
+    """``xent_triton::backward``: (dlogits, dlabels)."""
+    args = (grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+            lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset, n_classes)
+    if _direct(grad, logits, labels, target, weight, lse, qsum):
+        return _backward_impl(*args)
+    return torch.ops.xent_triton.backward(*args)
+
+
+def backward_inplace(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+                     lse_square_scale, softcap, need_dlabels):
+    """``xent_triton::backward_inplace``: dlogits over ``logits``; returns dlabels."""
+    args = (grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+            lse_square_scale, softcap, need_dlabels)
+    if _direct(grad, logits, labels, target, weight, lse, qsum):
+        out = _backward_inplace_impl(*args)
+        torch.autograd.graph.increment_version(logits)  # as the op's declared mutation does
+        return out
+    return torch.ops.xent_triton.backward_inplace(*args)
+
+
+def step(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+         loss_fp32, scale):
+    """``xent_triton::step``: (loss, lse, qsum, dlogits, written); not differentiable."""
+    args = (logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+            loss_fp32, scale)
+    if _direct(logits, labels, target, weight, scale):
+        return _step_impl(*args)
+    return torch.ops.xent_triton.step(*args)
+
+
+def backward_scaled(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index,
+                    label_smoothing, lse_square_scale, softcap):
+    """``xent_triton::backward_scaled``: finishes the fused step's ``dlogits`` in place."""
+    args = (grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index,
+            label_smoothing, lse_square_scale, softcap)
+    if _direct(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits):
+        _backward_scaled_impl(*args)
+        torch.autograd.graph.increment_version(dlogits)
+        return None
+    return torch.ops.xent_triton.backward_scaled(*args)

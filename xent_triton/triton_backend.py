@@ -6,7 +6,6 @@ can be captured in CUDA graphs.
 import struct
 
 import torch
-import triton
 import triton.language as tl
 
 from . import launch_config
@@ -100,7 +99,7 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     inputs, options = _inputs(rows), _options(ignore_index, smoothing, z_scale, softcap)
     short = launch_config.rows_launch(n, V, dev)
     if short is not None:
-        xent_rows_forward_kernel[(triton.cdiv(n, short.rows),)](
+        xent_rows_forward_kernel[(launch_config.cdiv(n, short.rows),)](
             *inputs, loss, lse, qsum, *_row_geometry(rows), *options,
             ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )
@@ -116,7 +115,7 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
         xent_combine_kernel[(n,)](
             *inputs[-4:], loss, lse, qsum, part, *_row_geometry(rows), *options[:5],  # target, weight; no softcap
             HARD=flags["HARD"], HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_Z=flags["HAS_Z"],
-            SPLIT=cfg.split, SPLIT_P2=triton.next_power_of_2(cfg.split), ACC=flags["ACC"], num_warps=1,
+            SPLIT=cfg.split, SPLIT_P2=launch_config.next_pow2(cfg.split), ACC=flags["ACC"], num_warps=1,
         )
     return loss, lse, qsum
 
@@ -195,7 +194,7 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     # After a fused step (skip_scale) the per-row kernel runs: it skips whole rows.
     short = launch_config.rows_launch(n, V, rows.logits.device) if skip_scale is None else None
     if short is not None:
-        xent_rows_backward_kernel[(triton.cdiv(n, short.rows),)](
+        xent_rows_backward_kernel[(launch_config.cdiv(n, short.rows),)](
             *operands, *_row_geometry(rows), *options,
             ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )

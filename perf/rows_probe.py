@@ -1,0 +1,82 @@
+"""Device time of the short-row kernels (kernels/xent_rows.py) by rows per program, against one row per program.
+
+    python -m perf.rows_probe --out DIR      # ~40 s on a GPU machine; writes rows_probe.csv
+
+The sweep's small-V rows (32768 x 1024) include host time; this probe replays each launch in a CUDA
+graph (triton.testing.do_bench_cudagraph), so it times the kernels alone. ROWS = 1 is the per-row kernel
+(launch_config.FORCE_ROWS = 1); the others force that many rows per program (num_warps follows
+launch_config.rows_launch: rows x BLOCK / 128, at most 16). perf/tune_tiles.py does not cover these kernels.
+"""
+import argparse
+import csv
+import os
+
+import torch
+
+SHAPES = [(32768, 1024), (131072, 128), (8192, 1024)]
+ROWS = (1, 2, 4, 8, 16)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("rows_probe: no CUDA GPU; nothing to measure")
+        return 0
+    import triton
+
+    from xent_triton import launch_config as lc
+    from xent_triton import ops
+
+    dev = torch.device("cuda")
+    src = torch.empty(2**28, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() * 2 / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
+    del src, dst
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (graph-replayed)")
+    rows_out = []
+    for n, v in SHAPES:
+        x = torch.randn(n, v, device=dev, dtype=torch.bfloat16)
+        y = torch.softmax(torch.randn(n, v, device=dev), -1).to(torch.bfloat16)
+        t = torch.randint(0, v, (n,), device=dev)
+        g = torch.rand(n, device=dev)
+        for kind, labels, target in (("hard", None, t), ("soft", y, None)):
+            n_tensors = 1 if kind == "hard" else 2
+            for r in ROWS:
+                lc.FORCE_ROWS = r
+                try:
+                    def fwd():
+                        return ops.forward(x, labels, target, None, 1, -100, 0.0, 0.0, 0.0, True)
+
+                    loss, lse, qsum = fwd()
+
+                    def bwd():
+                        return ops.backward(g, x, labels, target, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True,
+                                            False)
+
+                    for pass_name, fn, nbytes in (("forward", fwd, n_tensors * x.numel() * 2),
+                                                  ("backward", bwd, (n_tensors + 1) * x.numel() * 2)):
+                        ms = triton.testing.do_bench_cudagraph(fn, rep=50)
+                        pct = 100 * nbytes / ms / 1e6 / copy_gbps
+                        launch = lc.rows_launch(n, v, dev)
+                        warps = launch.num_warps if launch else "-"
+                        rows_out.append(dict(N=n, V=v, labels=kind, pass_=pass_name, rows=r, num_warps=warps,
+                                             us=round(ms * 1e3, 2), pct_of_copy=round(pct, 1)))
+                        print(f"{n:>6} x {v:<5} {kind} {pass_name:<8} rows {r:>2} warps {warps!s:>2}: "
+                              f"{ms * 1e3:8.2f} us  {pct:5.1f}% of copy")
+                finally:
+                    lc.FORCE_ROWS = None
+        del x, y, t, g
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rows_probe.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows_out[0]))
+        w.writeheader()
+        w.writerows(rows_out)
+    print(f"wrote {args.out}/rows_probe.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
