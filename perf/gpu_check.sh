@@ -10,7 +10,7 @@
 #   bash perf/gpu_check.sh --linear     # tests + perf/linear_bench.py (the fused linear head, ~1 min) instead
 #                                       # of the sweep: writes $OUT/linear.csv, linear.md, linear_log.txt
 #   bash perf/gpu_check.sh --host --tune-quick   # tests, perf/host_overhead.py and perf/rows_probe.py
-#                                       # (~1 min together), perf.tune_tiles --quick
+#                                       # (~1 min together; --rows: the probe alone), perf.tune_tiles --quick
 #                                       # (~2-3 min) whose tiles.json this run then uses, and the quick sweep
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
@@ -31,7 +31,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
 
-FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; TUNE_QUICK=0
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; ROWS=0; TUNE_QUICK=0
 for a in "$@"; do
   case "$a" in
     --full) FULL=1 ;;
@@ -39,7 +39,8 @@ for a in "$@"; do
     --no-sweep) RUN_SWEEP=0 ;;
     --tune) TUNE=1; RUN_SWEEP=0 ;;
     --linear) LINEAR=1; RUN_SWEEP=0 ;;
-    --host) HOST=1 ;;
+    --host) HOST=1; ROWS=1 ;;
+    --rows) ROWS=1 ;;
     --tune-quick) TUNE_QUICK=1 ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
@@ -132,7 +133,7 @@ if [ "$RUN_TESTS" = 1 ]; then
   esac
 fi
 
-# ---------------------------------------------------------------- (c') host time of small problems
+# ---------------------------------------------------------------- (c') host time of small problems, short-row kernels
 HOST_RC=-1
 if [ "$HOST" = 1 ]; then
   say "python3 -m perf.host_overhead --out $OUT"
@@ -140,12 +141,14 @@ if [ "$HOST" = 1 ]; then
     python3 -m perf.host_overhead --out "$OUT" 2>&1 | tee "$OUT/host.log"
   HOST_RC=${PIPESTATUS[0]}
   say "host_overhead: rc $HOST_RC"
+fi
+ROWS_RC=-1
+if [ "$ROWS" = 1 ]; then
   say "python3 -m perf.rows_probe --out $OUT"
   timeout -k 20 "${ROWS_TIMEOUT_S:-90}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
     python3 -m perf.rows_probe --out "$OUT" 2>&1 | tee "$OUT/rows_probe.log"
-  RP=${PIPESTATUS[0]}
-  say "rows_probe: rc $RP"
-  [ "$RP" != 0 ] && HOST_RC=$((HOST_RC == 0 ? RP : HOST_RC))
+  ROWS_RC=${PIPESTATUS[0]}
+  say "rows_probe: rc $ROWS_RC"
 fi
 
 # ---------------------------------------------------------------- (c'') quick tile tuning, used by this run's sweep
@@ -206,6 +209,7 @@ fi
 [ "$RUN_SWEEP" = 1 ] && echo "sweep: rc $SWEEP_RC ($([ "$FULL" = 1 ] && echo default grid || echo --quick))"
 [ "$LINEAR" = 1 ] && echo "linear_bench: rc $LINEAR_RC"
 [ "$HOST" = 1 ] && echo "host_overhead: rc $HOST_RC"
+[ "$ROWS" = 1 ] && echo "rows_probe: rc $ROWS_RC"
 [ "$TUNE_QUICK" = 1 ] && echo "tune --quick: rc $TUNEQ_RC"
 if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
   # The device tool returns 8 files at most: pack them all, keep the summaries readable beside the pack.
@@ -226,5 +230,6 @@ if [ "$RUN_TESTS" = 1 ] && [ "$TEST_RC" != 0 ]; then RC=$((RC | 1)); fi
 if [ "$RUN_SWEEP" = 1 ] && [ "$SWEEP_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$LINEAR" = 1 ] && [ "$LINEAR_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$HOST" = 1 ] && [ "$HOST_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$ROWS" = 1 ] && [ "$ROWS_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$TUNE_QUICK" = 1 ] && [ "$TUNEQ_RC" != 0 ]; then RC=$((RC | 2)); fi
 exit "$RC"

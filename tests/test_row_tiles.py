@@ -124,7 +124,7 @@ def test_launch_rule(monkeypatch):
     monkeypatch.setattr(launch_config, "_sm_count", lambda *a: 132)
     cuda = torch.device("cuda", 0)
     cfg = launch_config.rows_launch(32768, 1024, cuda)
-    assert (cfg.rows, cfg.block, cfg.num_warps) == (2, 1024, 16)  # 4 elements per thread
+    assert (cfg.rows, cfg.block, cfg.num_warps) == (4, 1024, 16)  # 8 elements per thread (NOTES P11)
     cfg = launch_config.rows_launch(131072, 128, cuda)
     assert (cfg.rows, cfg.block, cfg.num_warps) == (16, 128, 16)
     cfg = launch_config.rows_launch(65536, 2, cuda)
@@ -134,4 +134,4 @@ def test_launch_rule(monkeypatch):
     monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)
     assert launch_config.rows_launch(32768, 1024, cuda) is None
     monkeypatch.setattr(launch_config, "FORCE_ROWS", "max")
-    assert launch_config.rows_launch(3, 1024, cuda).rows == 2
+    assert launch_config.rows_launch(3, 1024, cuda).rows == 4

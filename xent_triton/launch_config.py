@@ -101,11 +101,15 @@ def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
 
 
 # Short rows (kernels/xent_rows.py): V up to this many classes is loaded as whole rows, ROWS at a time,
-# in tiles of _ROWS_TILE elements, 4 per thread. Registers per thread of the backward (sm_90 cubin):
-# 16 elements per thread took 146-254 for tiles of many short rows (32 x 128: 242); 8 per thread still
-# 126 (16 x 128) and 220 (128 x 2, soft labels with dlabels); 4 per thread 64 and 66.
+# in tiles of _ROWS_TILE elements, 4 per thread up to 16 warps. Registers per thread of the backward
+# (sm_90 cubin): 16 elements per thread took 146-254 for tiles of many short rows (32 x 128: 242); 8 per
+# thread still 126 (16 x 128) and 220 (128 x 2, soft labels with dlabels); 4 per thread 64 and 66.
+# Rows of 1024 classes take 4096-element tiles (4 rows, 16 warps, 8 elements per thread): on an H100
+# (perf/rows_probe.py, 32768 x 1024 bf16, graph-replayed) 2 rows per program moved 50% of copy in the soft
+# forward and 73-113% in the backward, 4 rows 84% and 101-121% (perf/NOTES.md P11).
 _ROWS_MAX_V = 1024
 _ROWS_TILE = 2048
+_ROWS_TILE_1024 = 4096
 _ROWS_PER_THREAD = 4
 _ROWS_MAX = 256
 
@@ -126,7 +130,7 @@ def rows_launch(n_rows, n_cols, device) -> Optional[RowsLaunch]:
     if n_cols > _ROWS_MAX_V or FORCE_ROWS == 1:
         return None
     block = next_pow2(max(n_cols, 1))
-    rows = min(_ROWS_MAX, max(1, _ROWS_TILE // block))
+    rows = min(_ROWS_MAX, max(1, (_ROWS_TILE_1024 if block >= 1024 else _ROWS_TILE) // block))
     if FORCE_ROWS is None:
         per_program = n_rows // (_PROGRAMS_PER_SM * _sm_count(device.type, device.index))
         rows = min(rows, 1 << (max(per_program, 1).bit_length() - 1))
