@@ -12,6 +12,7 @@
 The variable is read at each call, inside the custom op, so a compiled graph
 follows it too.
 """
+import functools
 import importlib.util
 import os
 
@@ -24,7 +25,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    # Asked on every call; whether triton is installed does not change while the process runs.
     return importlib.util.find_spec("triton") is not None
 
 

@@ -18,7 +18,12 @@ def mean_denominator(n_rows, target, ignore_index, weight):
 
 
 def divide(total, denom):
-    return total / (denom.to(total.dtype) if isinstance(denom, torch.Tensor) else denom)
+    """``total / denom`` in ``total``'s dtype, as if ``denom`` were cast first. Both are 0-dim, so type
+    promotion already gives total's dtype for an integer count or a narrower weight sum (one op, the same
+    value); only a wider one (float64 weights with a float32 loss) is cast."""
+    if isinstance(denom, torch.Tensor) and denom.is_floating_point() and denom.dtype.itemsize > total.dtype.itemsize:
+        denom = denom.to(total.dtype)
+    return total / denom
 
 
 def row_grad_scale(denom, dtype, device):
