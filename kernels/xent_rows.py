@@ -57,11 +57,9 @@ def xent_rows_forward_kernel(
         T, st_outer, st_inner, W, V, n_rows, n_inner, n_classes, class_offset, ignore_index, smoothing,
         HARD, HAS_WEIGHT, ROWS, ACC)
     cols = tl.arange(0, BLOCK)[None, :]
-    # Ignored rows are read too (finalize_row selects their zeros): a mask on `active` would make the
-    # logits' load wait for the class indices' (two memory latencies in a row per program), and on an
-    # H100 these short hard-label rows then moved a third of the soft ones' bytes per second
-    # (perf/NOTES.md P11). The per-row kernels, which loop over long rows, still skip ignored rows.
-    cmask = (cols < V) & row_ok[:, None]
+    # Ignored rows read nothing: all their lanes are masked. (Loading them anyway, so that the logits'
+    # load need not wait for the class indices', changed nothing on an H100: perf/NOTES.md P11.)
+    cmask = (cols < V) & active[:, None]
     x = load_logits(X + (outer * sx_outer + inner * sx_inner)[:, None] + cols, cmask, softcap, SOFTCAP, ACC, "",
                     False)
     q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols, W, cols, cmask, n_classes,

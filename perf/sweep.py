@@ -501,7 +501,7 @@ def _note_once(ctx: Ctx, key, msg: str):
         ctx.log(msg)
 
 
-def _launch_note(N: int, V: int, b: int, device: torch.device, method: str) -> str:
+def _launch_note(N: int, V: int, b: int, device: torch.device, method: str, hard: bool = False) -> str:
     try:
         from xent_triton import launch_config as lc
 
@@ -510,7 +510,9 @@ def _launch_note(N: int, V: int, b: int, device: torch.device, method: str) -> s
             return f"fused step BLOCK={s.block} warps={s.num_warps} programs={s.programs}"
         r = lc.rows_launch(N, V, device)
         if r is not None:
-            return f"row tiles: {r.rows} rows x BLOCK={r.block} per program, warps={r.num_warps}"
+            fwd = "; the forward one row per program" if lc.rows_launch(N, V, device, hard_forward=hard) is None \
+                else ""
+            return f"row tiles: {r.rows} rows x BLOCK={r.block} per program, warps={r.num_warps}{fwd}"
         f = lc.forward_launch(N, V, b, device)
         g = lc.backward_launch(N, V, b, device)
         return (f"fwd BLOCK={f.block} warps={f.num_warps} split={f.split}; "
@@ -618,7 +620,7 @@ def run_block(ctx: Ctx, N: int, V: int, dname: str, labels: str, seed: int) -> s
             row = dict(base, method=method, **{"pass": pas})
             note = []
             if ctx.cuda and method.startswith("xent_triton"):
-                note.append(_launch_note(N, V, b, ctx.device, method))
+                note.append(_launch_note(N, V, b, ctx.device, method, hard=labels == "hard"))
             prep = out = None
             retain_compile = method == "torch_compile" and pas == "backward"
             if retain_compile:

@@ -131,7 +131,10 @@ def test_launch_rule(monkeypatch):
     assert (cfg.rows, cfg.block, cfg.num_warps) == (128, 2, 2)  # 65536 / 264 -> 248 rows, rounded down to 2^k
     assert launch_config.rows_launch(32768, 2048, cuda) is None  # long rows: one program per row
     assert launch_config.rows_launch(300, 1024, cuda) is None  # 1 row per program keeps more SMs busy
+    # The class-index forward stays one row per program (measured faster, NOTES P11) unless tests force tiles.
+    assert launch_config.rows_launch(32768, 1024, cuda, hard_forward=True) is None
     monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)
     assert launch_config.rows_launch(32768, 1024, cuda) is None
     monkeypatch.setattr(launch_config, "FORCE_ROWS", "max")
     assert launch_config.rows_launch(3, 1024, cuda).rows == 4
+    assert launch_config.rows_launch(3, 1024, cuda, hard_forward=True).rows == 4

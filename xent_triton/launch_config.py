@@ -121,13 +121,16 @@ class RowsLaunch:
     num_warps: int
 
 
-def rows_launch(n_rows, n_cols, device) -> Optional[RowsLaunch]:
+def rows_launch(n_rows, n_cols, device, hard_forward: bool = False) -> Optional[RowsLaunch]:
     """Launch of the short-row kernels, or None where a row per program (or a split row) is the better fit.
 
     They need V <= _ROWS_MAX_V, and enough rows that each of 2 x SMs programs gets at least two:
-    with fewer rows, more programs (one row each) keep more SMs busy.
+    with fewer rows, more programs (one row each) keep more SMs busy. The forward with class indices
+    (``hard_forward``) keeps one row per program unless a test forces the tiles: on an H100 it ran at
+    14-18% of copy in row tiles of any size against 46% per row at 32768 x 1024 (a tie at 131072 x 128;
+    perf/NOTES.md P11, cause not found).
     """
-    if n_cols > _ROWS_MAX_V or FORCE_ROWS == 1:
+    if n_cols > _ROWS_MAX_V or FORCE_ROWS == 1 or (hard_forward and FORCE_ROWS is None):
         return None
     block = next_pow2(max(n_cols, 1))
     rows = min(_ROWS_MAX, max(1, (_ROWS_TILE_1024 if block >= 1024 else _ROWS_TILE) // block))

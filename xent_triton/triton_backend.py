@@ -97,7 +97,7 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
         return loss, lse, qsum
     flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0)
     inputs, options = _inputs(rows), _options(ignore_index, smoothing, z_scale, softcap)
-    short = launch_config.rows_launch(n, V, dev)
+    short = launch_config.rows_launch(n, V, dev, hard_forward=rows.target is not None)
     if short is not None:
         xent_rows_forward_kernel[(launch_config.cdiv(n, short.rows),)](
             *inputs, loss, lse, qsum, *_row_geometry(rows), *options,
