@@ -133,65 +133,43 @@ if [ "$RUN_TESTS" = 1 ]; then
   esac
 fi
 
-# ---------------------------------------------------------------- (c') host time of small problems, short-row kernels
-HOST_RC=-1
-if [ "$HOST" = 1 ]; then
-  say "python3 -m perf.host_overhead --out $OUT"
-  timeout -k 20 "${HOST_TIMEOUT_S:-120}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m perf.host_overhead --out "$OUT" 2>&1 | tee "$OUT/host.log"
-  HOST_RC=${PIPESTATUS[0]}
-  say "host_overhead: rc $HOST_RC"
-fi
-ROWS_RC=-1
-if [ "$ROWS" = 1 ]; then
-  say "python3 -m perf.rows_probe --out $OUT"
-  timeout -k 20 "${ROWS_TIMEOUT_S:-90}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m perf.rows_probe --out "$OUT" 2>&1 | tee "$OUT/rows_probe.log"
-  ROWS_RC=${PIPESTATUS[0]}
-  say "rows_probe: rc $ROWS_RC"
-fi
+# ---------------------------------------------------------------- the benchmark stages
+# stage LOG TIMEOUT_S MODULE ARGS...: python3 -m MODULE ARGS on the GPU (the interpreter and backend variables
+# unset), its output shown and kept in $OUT/LOG; sets STAGE_RC. SIGTERM at the timeout (30 s later SIGKILL):
+# the sweep and the tuner write what they have on SIGTERM.
+stage() {
+  local log=$1 limit=$2
+  shift 2
+  say "python3 -m $* (timeout ${limit}s)"
+  timeout -k 30 "$limit" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND python3 -m "$@" 2>&1 | tee "$OUT/$log"
+  STAGE_RC=${PIPESTATUS[0]}
+  say "$1: rc $STAGE_RC"
+}
 
-# ---------------------------------------------------------------- (c'') quick tile tuning, used by this run's sweep
-TUNEQ_RC=-1
+# (c') host time of small problems; device time of the short-row kernels
+HOST_RC=-1; ROWS_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1
+if [ "$HOST" = 1 ]; then stage host.log "${HOST_TIMEOUT_S:-120}" perf.host_overhead --out "$OUT"; HOST_RC=$STAGE_RC; fi
+if [ "$ROWS" = 1 ]; then stage rows_probe.log "${ROWS_TIMEOUT_S:-90}" perf.rows_probe --out "$OUT"; ROWS_RC=$STAGE_RC; fi
+
+# (c'') quick tile tuning, whose table this run's sweep then uses
 if [ "$TUNE_QUICK" = 1 ]; then
-  say "python3 -m perf.tune_tiles --quick --out $OUT"
-  timeout -k 30 "${TUNE_TIMEOUT_S:-240}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m perf.tune_tiles --quick --out "$OUT" 2>&1 | tee "$OUT/tune.log"
-  TUNEQ_RC=${PIPESTATUS[0]}
-  say "tune --quick: rc $TUNEQ_RC"
+  stage tune.log "${TUNE_TIMEOUT_S:-240}" perf.tune_tiles --quick --out "$OUT"; TUNEQ_RC=$STAGE_RC
   if [ -s "$OUT/tiles.json" ]; then
     cp "$OUT/tiles.json" xent_triton/tiles.json && say "this run's sweep uses the tiles.json just measured"
   fi
 fi
 
-# ---------------------------------------------------------------- (d') tile tuning (instead of the sweep)
-if [ "$TUNE" = 1 ]; then
-  say "python3 -m perf.tune_tiles --out $OUT"
-  timeout -k 30 "${TUNE_TIMEOUT_S:-520}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m perf.tune_tiles --out "$OUT" 2>&1 | tee "$OUT/tune.log"
-  say "tune: rc ${PIPESTATUS[0]}"
-fi
-
-# ---------------------------------------------------------------- (d'') fused linear head (instead of the sweep)
-LINEAR_RC=-1
+# (d') tile tuning, and (d'') the fused linear head: each instead of the sweep
+if [ "$TUNE" = 1 ]; then stage tune.log "${TUNE_TIMEOUT_S:-520}" perf.tune_tiles --out "$OUT"; fi
 if [ "$LINEAR" = 1 ]; then
-  say "python3 -m perf.linear_bench --out $OUT"
-  timeout -k 30 "${LINEAR_TIMEOUT_S:-220}" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m perf.linear_bench --out "$OUT" 2>&1 | tee "$OUT/linear.log"
-  LINEAR_RC=${PIPESTATUS[0]}
-  say "linear_bench: rc $LINEAR_RC"
+  stage linear.log "${LINEAR_TIMEOUT_S:-220}" perf.linear_bench --out "$OUT"; LINEAR_RC=$STAGE_RC
 fi
 
-# ---------------------------------------------------------------- (d) sweep
-SWEEP_RC=-1
+# (d) sweep
 if [ "$RUN_SWEEP" = 1 ]; then
   if [ "$FULL" = 1 ]; then MODE=(); STO="${SWEEP_TIMEOUT_S:-520}"; else MODE=(--quick); STO="${SWEEP_TIMEOUT_S:-220}"; fi
-  say "python3 -m perf.sweep ${MODE[*]:-} --out $OUT ${SWEEP_ARGS:-} (timeout ${STO}s; SIGTERM makes it write what it has)"
   # shellcheck disable=SC2086  # SWEEP_ARGS is split on purpose
-  timeout -k 30 "$STO" env -u TRITON_INTERPRET -u XENT_TRITON_BACKEND \
-    python3 -m perf.sweep ${MODE[@]+"${MODE[@]}"} --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log"
-  SWEEP_RC=${PIPESTATUS[0]}
-  say "sweep: rc $SWEEP_RC"
+  stage sweep.log "$STO" perf.sweep ${MODE[@]+"${MODE[@]}"} --out "$OUT" ${SWEEP_ARGS:-}; SWEEP_RC=$STAGE_RC
 fi
 
 # ---------------------------------------------------------------- summary (the tail of the output is what comes back)
