@@ -191,3 +191,14 @@ def test_direct_only_for_plain_eager_tensors(device):
     seen = []
     torch.func.grad(lambda z: seen.append(ops._direct(z)) or z.sum())(x)
     assert seen == [False]
+
+
+def test_jit_trace_records_the_custom_op(backend, device):
+    """torch.jit.trace sees the custom op (not the implementation, which would get traced sizes), and the
+    traced function gives eager's result on new inputs."""
+    x = torch.randn(4, 10, device=device)
+    t = torch.randint(0, 10, (4,), device=device)
+    traced = torch.jit.trace(lambda z: xent_triton.cross_entropy(z, t, reduction="none"), (x,), check_trace=False)
+    assert "xent_triton::forward" in str(traced.graph)
+    x2 = torch.randn(4, 10, device=device)
+    close(traced(x2), xent_triton.cross_entropy(x2, t, reduction="none"), rtol=0, atol=0)

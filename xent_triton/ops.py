@@ -275,19 +275,22 @@ def _(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, 
 # eager mode, with plain tensors, they run the implementation directly. The dispatcher's round trip
 # into a Python custom op (its autograd wrapper, argument defaults, dynamo guard) cost more host time
 # than our own launch code (cProfile of a training step: 35%, perf/NOTES.md P14), and for small
-# problems the host time is the time. Under torch.compile, fake or traced tensors, tensor subclasses
-# or torch.func transforms they call the custom ops, which those need.
+# problems the host time is the time. Under torch.compile, fake or traced tensors (make_fx, export,
+# torch.jit.trace), tensor subclasses or torch.func transforms they call the custom ops, which those need.
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+_jit_tracing = getattr(torch._C, "_get_tracing_state", None)
 
 
 def _direct(*tensors) -> bool:
     """Whether the implementation may run without the dispatcher (see above)."""
-    if _dispatch_modes is None or _functorch_level is None:
+    if _dispatch_modes is None or _functorch_level is None or _jit_tracing is None:
         return False  # no way to tell; the custom op is always right
-    if torch.compiler.is_compiling() or _dispatch_modes() or _functorch_level() is not None:
+    # torch.jit.trace (and the TorchScript ONNX export) records ops: it must see the custom op, and under
+    # it the implementation would get traced sizes where it expects ints.
+    if torch.compiler.is_compiling() or _dispatch_modes() or _functorch_level() is not None or _jit_tracing():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
