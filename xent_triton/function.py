@@ -2,7 +2,7 @@
 
 ``SoftmaxCrossEntropyWithLogits`` wires the forward and backward kernels for
 TF's soft-label loss; the functional API reaches the same kernels through the
-custom op (with its registered autograd), which torch.compile can trace.
+custom op's autograd (``ops.forward``: the op itself under torch.compile, a direct call in eager).
 ``InplaceGradCrossEntropy`` is the in-place memory mode, and
 ``FusedStepCrossEntropy`` the fused training step of reduced losses.
 """

@@ -23,7 +23,7 @@ def _autocast_on(t: torch.Tensor) -> bool:
 
 def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
              loss_fp32, inplace_backward, step_scale=None):
-    """(loss, lse) per row through the custom op, the in-place mode, or (``step_scale`` given) the fused step."""
+    """(loss, lse) per row through ``ops.forward``, the in-place mode, or (``step_scale`` given) the fused step."""
     args = (logits, labels, target, weight, axis, int(ignore_index), float(label_smoothing),
             float(lse_square_scale), float(softcap or 0.0), loss_fp32)
     if step_scale is not None:

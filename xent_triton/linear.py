@@ -141,7 +141,7 @@ def _chunks(n, chunk):
 
 
 class _RowStats:
-    """The loss kernels on one chunk's (rows, classes) logits, through the custom ops."""
+    """The loss kernels on one chunk's (rows, classes) logits, through ``ops`` (see ops._direct)."""
 
     def __init__(self, target, weight, ignore_index, smoothing, z_scale, softcap, hard):
         self.target, self.weight, self.hard = target, weight, hard
