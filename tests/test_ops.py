@@ -202,3 +202,20 @@ def test_jit_trace_records_the_custom_op(backend, device):
     assert "xent_triton::forward" in str(traced.graph)
     x2 = torch.randn(4, 10, device=device)
     close(traced(x2), xent_triton.cross_entropy(x2, t, reduction="none"), rtol=0, atol=0)
+
+
+def test_forward_mode_ad_raises(backend, device):
+    """No jvp formula: forward-mode AD raises instead of a zero or missing tangent (torch.func.jvp through
+    the custom op returned 0 before the check)."""
+    import torch.autograd.forward_ad as fwAD
+    x = rand_logits((4, 10), torch.float64, device, requires_grad=False)
+    v = torch.randn_like(x)
+    t = torch.randint(0, 10, (4,), device=device)
+    y = rand_probs((4, 10), torch.float64, device)
+    for f in (lambda z: xent_triton.cross_entropy(z, t),
+              lambda z: xent_triton.softmax_cross_entropy_with_logits(y, z)):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(f, (x,), (v,))
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="jvp"):
+                f(fwAD.make_dual(x, v))

@@ -295,6 +295,23 @@ def _direct(*tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+_functorch_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+
+
+def _refuse_forward_ad(*tensors):
+    """Raise under forward-mode AD, which has no formula here. The direct path's autograd.Function raises
+    by itself; through the custom op, ``torch.func.jvp`` returned a zero tangent and ``forward_ad`` none."""
+    if torch.compiler.is_compiling():
+        return
+    jvp = _functorch_stack is not None and any(
+        i.key() == torch._C._functorch.TransformType.Jvp for i in (_functorch_stack() or ()))
+    dual = torch.autograd.forward_ad._current_level >= 0 and any(
+        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if jvp or dual:
+        raise NotImplementedError("xent_triton: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is "
+                                  "not supported; use reverse mode (loss.backward() or torch.autograd.grad)")
+
+
 def forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32, class_offset=0, n_classes=-1):
     """``xent_triton::forward``, differentiable: per-row (loss, lse, qsum)."""
@@ -302,6 +319,7 @@ def forward(logits, labels, target, weight, axis, ignore_index, label_smoothing,
             loss_fp32, class_offset, n_classes)
     if _direct(logits, labels, target, weight):
         return _ForwardFunction.apply(*args)
+    _refuse_forward_ad(logits, labels)
     return torch.ops.xent_triton.forward(*args)
 
 
