@@ -276,7 +276,8 @@ def _(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, 
 # into a Python custom op (its autograd wrapper, argument defaults, dynamo guard) cost more host time
 # than our own launch code (cProfile of a training step: 35%, perf/NOTES.md P14), and for small
 # problems the host time is the time. Under torch.compile, fake or traced tensors (make_fx, export,
-# torch.jit.trace), tensor subclasses or torch.func transforms they call the custom ops, which those need.
+# torch.jit.trace), tensor subclasses or torch.func transforms they call the custom ops, which those need
+# (torch.func.vmap runs through them; grad and vjp get torch's error, jvp ours: _refuse_forward_ad).
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
