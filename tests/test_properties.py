@@ -191,8 +191,11 @@ def test_cross_entropy_property(backend, device, p, ignore_frac, smoothing, weig
 def test_fused_step_property(backend, device, monkeypatch, p, ignore_frac, smoothing, weighted, reduction, upstream):
     """The fused step gives the two-kernel step's loss and dlogits: bit for bit on the CPU (same
     formulas, same rounding; the two-kernel forward is kept from splitting rows, whose combined lse
-    differs in the last bits), within the dtype tolerance on a GPU."""
+    differs in the last bits, and from the measured tiles.json, whose bf16/fp16 forward block (1024)
+    is not the fused step's (2048): the online max and sum round differently by block), within the
+    dtype tolerance on a GPU."""
     monkeypatch.setattr(launch_config, "FORCE_SPLIT", 1)
+    monkeypatch.setattr(launch_config, "measured_tiles", lambda: {})
     p, gen, x0, t, w = _class_dim_problem(p, device, ignore_frac, weighted, torch.int64)
     kw = dict(weight=w.to(p["dtype"]) if w is not None else None, label_smoothing=smoothing, reduction=reduction)
     results = []
