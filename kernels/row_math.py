@@ -21,6 +21,24 @@ def f64_param(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def divided_grad(g, DEN, den_hi, den_lo, DIVIDE: tl.constexpr, ACC: tl.constexpr):
+    """The upstream gradient of a row, divided by a ``mean``'s denominator when DIVIDE is 1 (the host
+    float den_hi + den_lo, see f64_param) or 2 (one element at DEN: a count or a weight sum). The
+    division rounds as torch's does (the autograd of loss.sum() / denominator gives these bits):
+    fp32 division is otherwise approximate on the GPU."""
+    if DIVIDE != 0:
+        if DIVIDE == 1:
+            den = f64_param(den_hi, den_lo, ACC)
+        else:
+            den = tl.load(DEN).to(ACC)
+        if ACC == tl.float64:
+            g = g / den
+        else:
+            g = tl.math.div_rn(g, den)
+    return g
+
+
+@triton.jit
 def to_store(v, PTR):
     """Cast v for a store through PTR. fp64 -> half goes through fp32: the Triton
     interpreter mis-converts fp64 to bf16 directly (it only arises for fp64

@@ -11,7 +11,8 @@ in-place memory mode dlogits is written over the logits it was computed from.
 import triton
 import triton.language as tl
 
-from .row_math import aligned_run, block_ranges, f64_param, grad_block, grad_coef, row_target, same_run
+from .row_math import (aligned_run, block_ranges, divided_grad, f64_param, grad_block, grad_coef, row_target,
+                       same_run)
 
 
 @triton.jit
@@ -20,14 +21,14 @@ def xent_backward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    G, sg_outer, sg_inner,
+    G, sg_outer, sg_inner, DEN, den_hi, den_lo,
     LSE, QSUM,
     DX, sdx_outer, sdx_inner,
     DY, S, WROTE, POLICY,
     n_inner, V, n_classes, class_offset, cols_per_prog,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, SKIP_SCALED: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, SKIP_SCALED: tl.constexpr, DIVIDE: tl.constexpr,
     Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, DY_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -37,6 +38,9 @@ def xent_backward_kernel(
 
     LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
     shard they are the global (all-shard) values.
+
+    DIVIDE: G is divided by a mean's denominator first (row_math.divided_grad); G may then be one
+    element read with zero strides: the mean's backward needs no per-row gradient tensor.
 
     SKIP_SCALED (after xent_step_kernel): if WROTE[0] != 0, DX already holds the
     gradient for an upstream gradient equal to the scalar S. Rows whose G equals
@@ -57,7 +61,7 @@ def xent_backward_kernel(
     Y_row = Y + outer * sy_outer + inner * sy_inner
     t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
                                       ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
-    g = tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC)
+    g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, den_hi, den_lo, DIVIDE, ACC)
     col_begin = part * cols_per_prog
     col_end = tl.minimum(col_begin + cols_per_prog, V)
     if SKIP_SCALED:

@@ -12,8 +12,8 @@ lse) are read at the last row's index, clamped, and their tile loads and all the
 import triton
 import triton.language as tl
 
-from .row_math import (f64_param, finalize_row, grad_block, grad_coef, load_logits, row_target, target_mass,
-                       to_store)
+from .row_math import (divided_grad, f64_param, finalize_row, grad_block, grad_coef, load_logits, row_target,
+                       target_mass, to_store)
 
 
 @triton.jit
@@ -84,14 +84,15 @@ def xent_rows_backward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    G, sg_outer, sg_inner,
+    G, sg_outer, sg_inner, DEN, den_hi, den_lo,
     LSE, QSUM,
     DX, sdx_outer, sdx_inner,
     DY,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, DIVIDE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """dlogits and dlabels of ROWS rows per program; see xent_backward_kernel (DX may be X itself:
     the whole tile is loaded before any of it is stored)."""
@@ -101,7 +102,8 @@ def xent_rows_backward_kernel(
     row, row_ok, outer, inner, t, active, valid, tw = _tile_rows(
         T, st_outer, st_inner, W, V, n_rows, n_inner, n_classes, class_offset, ignore_index, smoothing,
         HARD, HAS_WEIGHT, ROWS, ACC)
-    g = tl.where(active, tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), 0.0)
+    g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, den_hi, den_lo, DIVIDE, ACC)
+    g = tl.where(active, g, 0.0)
     lse = tl.load(LSE + row).to(ACC)
     coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)
     cols = tl.arange(0, BLOCK)[None, :]

@@ -13,6 +13,11 @@ torch.compile and tensor subclasses take). Two numbers per row:
 * gpu_us: triton.testing.do_bench (CUDA events, median): the larger of host and device time.
 
 It ends with a cProfile of xent_triton's step at the smallest shape: where the host time goes.
+
+Without CUDA (``--stubbed``, the default there) it times the package's own host work instead: the
+Triton backend's host code on CPU tensors with every kernel launch replaced by a recorder, so neither
+Triton's launcher nor any kernel runs, and counts the torch ops and launches of one step. That part
+of the host time, and its op count, can be compared before and after a change on any machine.
 """
 import argparse
 import cProfile
@@ -44,13 +49,102 @@ def host_us(fn):
     return best / REPS * 1e6
 
 
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "expand", "as_strided", "detach",
+             "alias", "select", "empty", "empty_strided", "new_empty", "t", "squeeze", "unsqueeze"}
+
+
+def stubbed(out_dir, reps=300):
+    """The package's host work per call, kernels stubbed out (see the module docstring)."""
+    os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend accepts CPU tensors; nothing is interpreted
+    os.environ["XENT_TRITON_BACKEND"] = "triton"
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import xent_triton
+    from xent_triton import ops, triton_backend
+
+    launches = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append((self.name, len(a) + len(k)))
+
+    for name in dir(triton_backend):
+        if name.endswith("_kernel"):
+            setattr(triton_backend, name, Stub(name))
+    torch.set_num_threads(1)
+
+    def best_us(fn):
+        for _ in range(20):
+            fn()
+        best = float("inf")
+        for _ in range(TRIES):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, time.perf_counter() - t0)
+        return best / reps * 1e6
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEW_OPS:
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    rows = []
+    print(f"host_overhead --stubbed: CPU, torch {torch.__version__}; kernel launches stubbed, 1 thread")
+    for n, v in ((1, 128256), (256, 32000)):  # one split row and its combine; whole rows
+        x = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)
+        targets = {"hard": torch.randint(0, v, (n,)), "soft": torch.rand(n, v).to(torch.bfloat16)}
+        for kind, target in targets.items():
+            def fwd():
+                with torch.no_grad():
+                    xent_triton.cross_entropy(x, target)
+
+            def step():
+                x.grad = None
+                xent_triton.cross_entropy(x, target).backward()
+
+            for pass_name, fn in (("forward", fwd), ("step", step)):
+                us = best_us(fn)
+                direct = ops._direct
+                ops._direct = lambda *t: True  # the counting mode would turn the direct path off
+                try:
+                    launches.clear()
+                    with CountOps() as mode:
+                        fn()
+                finally:
+                    ops._direct = direct
+                row = dict(N=n, V=v, labels=kind, pass_=pass_name, host_us=round(us, 1), torch_ops=len(mode.names),
+                           launches=len(launches), launch_args=sum(a for _, a in launches),
+                           ops=" ".join(mode.names))
+                rows.append(row)
+                print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {us:7.1f} us  {len(mode.names)} torch ops "
+                      f"({row['ops']}), {len(launches)} launches of {row['launch_args']} args")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "host_stubbed.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out_dir}/host_stubbed.csv")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--stubbed", action="store_true", help="time the package's host work with kernels stubbed out")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("host_overhead: no CUDA GPU; nothing to measure")
-        return 0
+    if args.stubbed or not torch.cuda.is_available():
+        if not args.stubbed:
+            print("host_overhead: no CUDA GPU; timing the host work with the kernels stubbed out instead")
+        return stubbed(args.out)
     import triton
 
     import xent_triton

@@ -21,6 +21,10 @@ def _autocast_on(t: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(t.device.type)
 
 
+def _inplace_mode(logits, inplace_backward) -> bool:
+    return inplace_backward and torch.is_grad_enabled() and logits.requires_grad
+
+
 def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
              loss_fp32, inplace_backward, step_scale=None):
     """(loss, lse) per row through ``ops.forward``, the in-place mode, or (``step_scale`` given) the fused step."""
@@ -28,7 +32,7 @@ def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing
             float(lse_square_scale), float(softcap or 0.0), loss_fp32)
     if step_scale is not None:
         return FusedStepCrossEntropy.apply(*args, step_scale)
-    if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
+    if _inplace_mode(logits, inplace_backward):
         base = logits._base if logits._base is not None else logits
         if base.is_leaf:
             # torch's own rule for in-place ops: the gradient would overwrite a leaf's values.
@@ -134,13 +138,19 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     loss_fp32 = autocast or reduction != "none" or out_dtype != input.dtype
     n_rows = input.numel() // C if C else 0
     denom = mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
-    step_scale = None
     if _takes_fused_step(input, labels, n_rows, C, reduction, inplace_backward):
         step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32, labels), input.device)
-    loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index,
-                         label_smoothing, lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
-    loss = reduce_rows(loss, reduction, index_target, ignore_index, weight, denom)
-    loss = loss.to(out_dtype)
+        loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index, label_smoothing,
+                             lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
+        loss = reduce_rows(loss, reduction, denom=denom).to(out_dtype)
+    elif reduction != "none" and not _inplace_mode(input, inplace_backward):
+        loss, lse = ops.forward_reduced(input, labels, index_target, weight, axis, int(ignore_index),
+                                        float(label_smoothing), float(lse_square_scale), float(softcap or 0.0),
+                                        reduction, denom, out_dtype)
+    else:
+        loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index, label_smoothing,
+                             lse_square_scale, softcap, loss_fp32, inplace_backward)
+        loss = reduce_rows(loss, reduction, denom=denom).to(out_dtype)
     return (loss, lse.detach()) if return_lse else loss
 
 

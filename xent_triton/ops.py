@@ -19,6 +19,7 @@ from torch import Tensor
 from . import backend
 from ._alloc import new_output
 from .layout import acc_dtype, batch_shape, check_inplace, grad_buffer_shape, make_rows
+from .reduction import reduce_rows
 
 
 def _impl(device: torch.device):
@@ -125,10 +126,17 @@ def _backward_impl(
     softcap: float, need_dlogits: bool, need_dlabels: bool, class_offset: int = 0, n_classes: int = -1,
 ) -> Tuple[Tensor, Tensor]:
     """(dlogits, dlabels); a gradient not asked for comes back as an empty tensor."""
+    return _backward_rows(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+                          lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset, n_classes)
+
+
+def _backward_rows(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+                   lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1, denom=None):
+    """_backward_impl, with the upstream gradient divided by ``denom`` (a mean's; an int or a tensor) first."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, new_output)
     _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-         lse_square_scale, softcap, dx, dy)
+         lse_square_scale, softcap, dx, dy, denom=denom)
     return _as_grads(dx, dy, logits, labels, axis)
 
 
@@ -151,13 +159,18 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, qsum)
 
 
-def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
+def _refuse_double_backward():
     if torch.is_grad_enabled():
         raise RuntimeError(
             "xent_triton: double backward (create_graph=True through the cross-entropy loss) is not supported")
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
+    _refuse_double_backward()
     logits, labels, target, weight, lse, qsum = ctx.saved_tensors
     need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_dx or need_dy):
+    # grad_loss is None when the direct path does not materialize gradients and the loss went unused.
+    if grad_loss is None or not (need_dx or need_dy):
         return (None,) * 12
     dlogits, dlabels = backward(
         grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy, *ctx.shard)
@@ -177,11 +190,52 @@ class _ForwardFunction(torch.autograd.Function):
     def forward(ctx, *args):
         out = _forward_impl(*args)
         _setup_context(ctx, args, out)
+        # lse and qsum never get a gradient: materializing zeros for them cost two kernels per backward.
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         return _backward(ctx, *grads)
+
+
+class _ReducedFunction(torch.autograd.Function):
+    """``mean`` or ``sum`` of the per-row loss, cast to the result dtype, as one autograd node (direct calls).
+
+    Composed of ops (the per-row loss, a sum, a division and a cast), a training step also ran three
+    more autograd nodes and five more small kernels in the backward (the cast back, the division, the
+    expand, zero gradients for lse and qsum), each costing host time, which sets the time of small
+    problems (perf/NOTES.md P14). Here the backward kernel reads the one-element upstream gradient with
+    zero strides and divides it by the denominator itself, rounded as torch's division
+    (kernels/row_math.divided_grad): the same gradient bits as the composition, which the custom ops
+    still use (torch.compile fuses those small ops itself).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+                reduction, denom, out_dtype):
+        loss, lse, qsum = _forward_impl(logits, labels, target, weight, axis, ignore_index, label_smoothing,
+                                        lse_square_scale, softcap, True)
+        total = reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype)
+        dev_denom = denom if isinstance(denom, Tensor) else None
+        ctx.save_for_backward(logits, labels, target, weight, lse, qsum, dev_denom)
+        ctx.host_denom = denom if dev_denom is None else None
+        ctx.params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return total, lse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        _refuse_double_backward()
+        need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad is None or not (need_dx or need_dy):
+            return (None,) * 12
+        logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
+        denom = dev_denom if dev_denom is not None else ctx.host_denom
+        dlogits, dlabels = _backward_rows(grad.expand(lse.shape), logits, labels, target, weight, lse, qsum,
+                                          *ctx.params, need_dx, need_dy, denom=denom)
+        return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
 
 
 def _backward_inplace_impl(
@@ -322,6 +376,19 @@ def forward(logits, labels, target, weight, axis, ignore_index, label_smoothing,
         return _ForwardFunction.apply(*args)
     _refuse_forward_ad(logits, labels)
     return torch.ops.xent_triton.forward(*args)
+
+
+def forward_reduced(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
+                    reduction, denom, out_dtype):
+    """(``reduction`` of ``xent_triton::forward``'s fp32 loss cast to ``out_dtype``, per-row lse), differentiable.
+
+    ``denom`` is the ``mean``'s denominator (reduction.mean_denominator), None for ``sum``."""
+    if _direct(logits, labels, target, weight, denom if isinstance(denom, Tensor) else None):
+        return _ReducedFunction.apply(logits, labels, target, weight, axis, ignore_index, label_smoothing,
+                                      lse_square_scale, softcap, reduction, denom, out_dtype)
+    loss, lse, _qsum = forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
+                               softcap, True)
+    return reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype), lse
 
 
 def backward(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
