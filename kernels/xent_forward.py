@@ -13,18 +13,19 @@ from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, load_
 
 @triton.jit
 def _online_max_sumexp(m, s, x):
-    """One block of the online softmax: (new max, new sum of exp, shift = old max - new max).
+    """One block of the online softmax for each thread's slice: (new max, new sum of exp, shift = old max -
+    new max), all of shape [R] for x of shape [R, EPT].
 
     s == 0 means no finite logit yet (the max itself adds exp(0) = 1). Until then
     m stays 0, so exp(x - m) never computes -inf - (-inf).
     """
-    bmax = tl.max(x, axis=0)
+    bmax = tl.max(x, axis=1)
     m_new = tl.where(s == 0, bmax, tl.maximum(m, bmax))
     m_new = tl.where(m_new == float("-inf"), m, m_new)
     # Nothing accumulated yet (s == 0): no rescale. exp(m - m_new) could be
     # inf for a very negative first max, and 0 * inf is NaN.
     shift = tl.where(s == 0, 0.0, m - m_new)
-    s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new), axis=0)
+    s = s * tl.exp(shift) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
     return m_new, s, shift
 
 
@@ -32,8 +33,8 @@ def _online_max_sumexp(m, s, x):
 def _stats_block(m, s, d, qsum, nnz, x_ptrs, y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing,
                  softcap, HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
                  LABELS: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr, FULL: tl.constexpr):
-    """One block of _row_partial: the online max and sum of exp, and with LABELS the label statistics
-    (d, qsum, nnz are per-lane accumulators). FULL: every lane is inside the row, cmask is not used."""
+    """One [R, EPT] block of _row_partial into the per-slice statistics: the online max and sum of exp,
+    and with LABELS d, qsum and nnz. FULL: every lane is inside the row, cmask is not used."""
     x = load_logits(x_ptrs, cmask, softcap, SOFTCAP, ACC, EVICT, FULL)
     if LABELS:
         q = target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
@@ -41,9 +42,10 @@ def _stats_block(m, s, d, qsum, nnz, x_ptrs, y_ptrs, W, cols, cmask, n_classes, 
         m_new, s, shift = _online_max_sumexp(m, s, x)
         # d is 0 or -inf (label mass on -inf logits) while s == 0, which the zero shift leaves as it is.
         # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
-        d = tl.where(qsum != 0, d + qsum * shift, d) + tl.where(q != 0, q * (x - m_new), 0.0)
-        qsum += q
-        nnz += tl.where(q != 0, 1.0, 0.0)
+        d = tl.where(qsum != 0, d + qsum * shift, d) + tl.sum(tl.where(q != 0, q * (x - m_new[:, None]), 0.0),
+                                                              axis=1)
+        qsum += tl.sum(q, axis=1)
+        nnz += tl.sum(tl.where(q != 0, 1.0, 0.0), axis=1)
         m = m_new
     else:
         m, s, _ = _online_max_sumexp(m, s, x)
@@ -51,10 +53,30 @@ def _stats_block(m, s, d, qsum, nnz, x_ptrs, y_ptrs, W, cols, cmask, n_classes, 
 
 
 @triton.jit
+def combine_parts(m, s, d, qsum, nnz, LABELS: tl.constexpr):
+    """Merge statistics kept per part ([P] vectors: the slices of a row, or a split row's parts) into the
+    row's, each part relative to its own max. An empty part (s == 0) has no max to re-base: its d is
+    0 or -inf (label mass on -inf logits) and stays so."""
+    m_row = tl.max(tl.where(s > 0, m, float("-inf")), axis=0)
+    m_row = tl.where(m_row == float("-inf"), 0.0, m_row)
+    shift = m - m_row
+    s_row = tl.sum(tl.where(s != 0, s * tl.exp(shift), s), axis=0)
+    if LABELS:
+        d_row = tl.sum(tl.where((qsum != 0) & (s != 0), d + qsum * shift, d), axis=0)
+        qsum_row = tl.sum(qsum, axis=0)
+        nnz_row = tl.sum(nnz, axis=0)
+    else:
+        d_row = 0.0
+        qsum_row = 0.0
+        nnz_row = 0.0
+    return m_row, s_row, d_row, qsum_row, nnz_row
+
+
+@triton.jit
 def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
                  HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                 SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                 EVICT: tl.constexpr):
+                 SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, EPT: tl.constexpr,
+                 ACC: tl.constexpr, EVICT: tl.constexpr):
     """Online statistics over columns [col_begin, col_end); EVICT is the L2 hint of the loads.
 
     Returns m (the running max, -inf replaced by 0), s = sum(exp(x - m)),
@@ -62,36 +84,42 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
     label-weighted sum relative to the max matters: lse * sum(q) - sum(q * x) cancels
     catastrophically in fp32 once |x| is large (1e4 loses 3 digits, 1e30 all).
 
+    Each block is a [BLOCK // EPT, EPT] tile, one slice of EPT consecutive columns (one 16-byte
+    vector) per thread, and the statistics are kept per slice: the reductions inside the loop stay
+    within a thread. Reducing whole blocks each iteration put a block-wide max and sum (warp shuffles,
+    shared memory and a barrier) between one block's loads and the next's: in the sm_90 code 14 shuffles
+    and 4 barriers per iteration, about half of them waiting on the label load (perf/NOTES.md P16). The
+    slices are merged once, after the loop.
+
     The blocks wholly inside the row come first, as unmasked aligned vector loads, then the
     partial ones (row_math.block_ranges). Y_ALIGNED: see row_math.same_run.
     """
     # Class indices without smoothing: q is nonzero in the target column only, so the loop keeps no
     # label state at all (fewer registers and instructions); the target logit is read once after it.
     LABELS: tl.constexpr = not (HARD and not SMOOTH)
-    m = tl.zeros([], ACC)
-    s = tl.zeros([], ACC)
-    d = tl.zeros([BLOCK], ACC)
-    qsum = tl.zeros([BLOCK], ACC)
-    nnz = tl.zeros([BLOCK], ACC)
+    R: tl.constexpr = BLOCK // EPT
+    m = tl.zeros([R], ACC)
+    s = tl.zeros([R], ACC)
+    d = tl.zeros([R], ACC)
+    qsum = tl.zeros([R], ACC)
+    nnz = tl.zeros([R], ACC)
     Xb, lead = aligned_run(X_row + col_begin, BLOCK)
     Yb = same_run(Y_row + col_begin, lead, Y_ALIGNED, BLOCK)
     first = col_begin - lead  # the column of lane 0 of the frame
     n, k0, k1, e0, e1, e_step = block_ranges(col_begin, col_end, lead, True, BLOCK)
+    tile = tl.arange(0, R)[:, None] * EPT + tl.arange(0, EPT)[None, :]
     for k in range(k0, k1, BLOCK):
-        offs = k + tl.arange(0, BLOCK)
+        offs = k + tile
         m, s, d, qsum, nnz = _stats_block(m, s, d, qsum, nnz, Xb + offs, Yb + offs, W, first + offs, None,
                                           n_classes, t, tw, active, smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH,
                                           SOFTCAP, LABELS, ACC, EVICT, True)
     for k in range(e0, e1, e_step):
-        offs = k + tl.arange(0, BLOCK)
+        offs = k + tile
         m, s, d, qsum, nnz = _stats_block(m, s, d, qsum, nnz, Xb + offs, Yb + offs, W, first + offs,
                                           (offs >= lead) & (offs < n), n_classes, t, tw, active, smoothing,
                                           softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, LABELS, ACC, EVICT, False)
-    if LABELS:
-        d_row = tl.sum(d, axis=0)
-        qsum_row = tl.sum(qsum, axis=0)
-        nnz_row = tl.sum(nnz, axis=0)
-    else:
+    m, s, d_row, qsum_row, nnz_row = combine_parts(m, s, d, qsum, nnz, LABELS)
+    if not LABELS:
         mine = (t >= col_begin) & (t < col_end) & (tw != 0)
         x_t = load_logits(X_row + tl.where(mine, t, 0), mine, softcap, SOFTCAP, ACC, EVICT, False)
         d_row = tl.where(mine, tw * (x_t - m), 0.0)
@@ -112,7 +140,7 @@ def xent_forward_kernel(
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, Y_ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr, EPT: tl.constexpr, ACC: tl.constexpr,
 ):
     """Row statistics of softmax cross entropy.
 
@@ -143,8 +171,8 @@ def xent_forward_kernel(
     # Ignored rows (hard labels) read nothing: their loop is empty.
     col_end = tl.where(active, col_end, col_begin)
     m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
-                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, ACC,
-                                        "")
+                                        smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
+                                        ACC, "")
     if SPLIT == 1:
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))
@@ -180,19 +208,12 @@ def xent_combine_kernel(
     kmask = k < SPLIT
     base = row * SPLIT + k
     stride = n_rows * SPLIT
-    m_part = tl.load(PART + base, mask=kmask, other=0.0)
-    # Each partial s is relative to its own (safe) max; an empty part has s == 0.
-    s_part = tl.load(PART + stride + base, mask=kmask, other=0.0)
-    m = tl.max(tl.where(s_part > 0, m_part, float("-inf")), axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.where(s_part != 0, s_part * tl.exp(m_part - m), s_part), axis=0)
-    # Re-base each part's d from its own max to the row's: d_k + qsum_k (m_k - m).
-    # A part with nothing finite (s_k == 0) has d_k = 0 or -inf and no max to re-base.
-    q_part = tl.load(PART + 3 * stride + base, mask=kmask, other=0.0)
-    d_part = tl.load(PART + 2 * stride + base, mask=kmask, other=0.0)
-    d = tl.sum(tl.where((q_part != 0) & (s_part != 0), d_part + q_part * (m_part - m), d_part), axis=0)
-    qsum = tl.sum(q_part, axis=0)
-    nnz = tl.sum(tl.load(PART + 4 * stride + base, mask=kmask, other=0.0), axis=0)
+    # Each partial s is relative to its own (safe) max; an empty (or padding) part has s == 0.
+    part = PART + base
+    m, s, d, qsum, nnz = combine_parts(
+        tl.load(part, mask=kmask, other=0.0), tl.load(part + stride, mask=kmask, other=0.0),
+        tl.load(part + 2 * stride, mask=kmask, other=0.0), tl.load(part + 3 * stride, mask=kmask, other=0.0),
+        tl.load(part + 4 * stride, mask=kmask, other=0.0), True)
     loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
     tl.store(LOSS + row, to_store(loss, LOSS))
     tl.store(LSE + row, lse)

@@ -42,7 +42,7 @@ def xent_step_kernel(
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
     SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
+    EPT: tl.constexpr, ACC: tl.constexpr,
 ):
     """Loss, lse, sum(q) and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
 
@@ -72,8 +72,8 @@ def xent_step_kernel(
         # Ignored rows read nothing: an empty first walk, and masked loads in the second.
         load_end = tl.where(active, V, 0)
         m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, 0, load_end, n_classes, t, tw, active, smoothing,
-                                          softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, ACC,
-                                          "evict_last")
+                                          softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
+                                          ACC, "evict_last")
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))
         tl.store(LSE + row, lse)

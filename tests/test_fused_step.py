@@ -95,7 +95,14 @@ def test_matches_torch_float64(backend, device, fused, kind, reduction, options,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_low_precision_matches_two_kernel_path(backend, device, monkeypatch, kind, dtype):
-    """Both paths compute each dlogits element with the same formula and round it once."""
+    """Both paths compute each dlogits element with the same formula and round it once.
+
+    Both keep the row statistics per slice of a block (kernels/xent_forward._row_partial), and the
+    slice width follows the tile's warps, which differ between the two paths' heuristic tiles: with
+    another width the online max and sum round differently. Bit-exactness needs one width, and the
+    per-row kernels on both paths (launch_config.FORCE_ROWS)."""
+    monkeypatch.setattr(launch_config, "slice_width", lambda block, warps, itemsize: min(16 // itemsize, block))
+    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)  # the row tiles sum a whole row at once
     x0 = rand_logits((19, 300), dtype, device, requires_grad=False)
     t = _targets(kind, (19, 300), device)
     if kind == "soft":

@@ -78,8 +78,13 @@ def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32"):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W=f"*{x}", LOSS=f"*{x}", LSE=f"*{acc}", QSUM=f"*{acc}",
                 PART=f"*{acc}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, SPLIT=split,
-                  Y_ALIGNED=x == y, BLOCK=block, ACC=acc)
+                  Y_ALIGNED=x == y, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc)
     return dict(kind="fwd", ptrs=ptrs, consts=consts, warps=warps, ints=ints)
+
+
+def _ept(x, block, warps):
+    from xent_triton.launch_config import slice_width
+    return slice_width(block, warps, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[x])
 
 
 def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, divide=0):
@@ -95,7 +100,7 @@ def _step(x, y, acc, hard, extras, block=4096, warps=16):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", WROTE="*i32",
                 LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}", DX=f"*{x}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, Y_ALIGNED=x == y,
-                  DX_ALIGNED=True, BLOCK=block, ACC=acc)
+                  DX_ALIGNED=True, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc)
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 

@@ -192,10 +192,13 @@ def test_fused_step_property(backend, device, monkeypatch, p, ignore_frac, smoot
     """The fused step gives the two-kernel step's loss and dlogits: bit for bit on the CPU (same
     formulas, same rounding; the two-kernel forward is kept from splitting rows, whose combined lse
     differs in the last bits, and from the measured tiles.json, whose bf16/fp16 forward block (1024)
-    is not the fused step's (2048): the online max and sum round differently by block), within the
-    dtype tolerance on a GPU."""
+    is not the fused step's (2048): the online max and sum round differently by block), and with one
+    slice width for both (the statistics are kept per slice of a block, whose width follows the tile's
+    warps) and no row tiles (launch_config.FORCE_ROWS), within the dtype tolerance on a GPU."""
     monkeypatch.setattr(launch_config, "FORCE_SPLIT", 1)
     monkeypatch.setattr(launch_config, "measured_tiles", lambda: {})
+    monkeypatch.setattr(launch_config, "slice_width", lambda block, warps, itemsize: min(16 // itemsize, block))
+    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)  # the row tiles sum a whole row at once
     p, gen, x0, t, w = _class_dim_problem(p, device, ignore_frac, weighted, torch.int64)
     kw = dict(weight=w.to(p["dtype"]) if w is not None else None, label_smoothing=smoothing, reduction=reduction)
     results = []

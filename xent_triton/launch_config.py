@@ -46,6 +46,13 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def slice_width(block: int, num_warps: int, itemsize: int) -> int:
+    """EPT of the row loops that keep statistics per slice (kernels/xent_forward._row_partial): one
+    16-byte vector per thread, or fewer elements where the block has fewer per thread (a wider slice
+    would leave threads holding copies)."""
+    return max(1, min(16 // itemsize, block // (32 * num_warps)))
+
+
 @dataclass(frozen=True)
 class Launch:
     block: int
