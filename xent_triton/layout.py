@@ -70,7 +70,8 @@ def _two_strides(shape, tensors):
 
 def class_last(t: torch.Tensor, axis: int) -> torch.Tensor:
     """Move ``axis`` last; copy only when the class stride is not 1."""
-    t = t.movedim(axis, -1)
+    if axis != t.dim() - 1:
+        t = t.movedim(axis, -1)
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         t = t.contiguous()
     return t
@@ -87,7 +88,7 @@ def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, 
     x = class_last(logits, axis)
     y = None
     if labels is not None:
-        y = class_last(labels.expand(logits.shape), axis)
+        y = class_last(labels if labels.shape == logits.shape else labels.expand(logits.shape), axis)
     bshape = tuple(x.shape[:-1])
     n_rows = 1
     for s in bshape:
@@ -105,7 +106,7 @@ def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, 
         x = tried[0]
         y = tried[1] if y is not None else None
     n_inner, strides = plan
-    if target is not None:
+    if target is not None and target.dim() != 1:
         target = target.reshape(n_rows)
     if weight is not None:
         weight = weight.contiguous()

@@ -73,7 +73,7 @@ def _forward_impl(
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     out = _run(logits.device, "forward", rows, ignore_index, label_smoothing, lse_square_scale, softcap,
                loss_dtype_of(logits, loss_fp32, labels))
-    return tuple(t.view(rows.batch_shape) for t in out)
+    return out if len(rows.batch_shape) == 1 else tuple(t.view(rows.batch_shape) for t in out)
 
 
 xent_forward = torch.library.custom_op("xent_triton::forward", mutates_args=())(_forward_impl)
@@ -110,11 +110,11 @@ def _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, alloc):
 
 def _as_grads(dx, dy, logits, labels, axis):
     """Move the class axis back; reduce dlabels over the axes labels were broadcast along."""
-    empty = logits.new_empty(0)
-    dlogits = dx.movedim(-1, axis) if dx is not None else empty
+    last = axis == logits.dim() - 1
+    dlogits = (dx if last else dx.movedim(-1, axis)) if dx is not None else logits.new_empty(0)
     if dy is None:
-        return dlogits, empty
-    dlabels = dy.movedim(-1, axis)
+        return dlogits, logits.new_empty(0)
+    dlabels = dy if last else dy.movedim(-1, axis)
     if tuple(labels.shape) != tuple(logits.shape):
         dlabels = dlabels.sum_to_size(labels.shape).to(labels.dtype)
     return dlogits, dlabels
@@ -135,9 +135,13 @@ def _backward_rows(grad, logits, labels, target, weight, lse, qsum, axis, ignore
     """_backward_impl, with the upstream gradient divided by ``denom`` (a mean's; an int or a tensor) first."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, new_output)
-    _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
+    _run(logits.device, "backward", rows, grad, _flat(lse), _flat(qsum), ignore_index, label_smoothing,
          lse_square_scale, softcap, dx, dy, denom=denom)
     return _as_grads(dx, dy, logits, labels, axis)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 xent_backward = torch.library.custom_op("xent_triton::backward", mutates_args=())(_backward_impl)
@@ -233,8 +237,9 @@ class _ReducedFunction(torch.autograd.Function):
             return (None,) * 12
         logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
         denom = dev_denom if dev_denom is not None else ctx.host_denom
-        dlogits, dlabels = _backward_rows(grad.expand(lse.shape), logits, labels, target, weight, lse, qsum,
-                                          *ctx.params, need_dx, need_dy, denom=denom)
+        # The one-element gradient as it is: the backends read it for every row (zero strides).
+        dlogits, dlabels = _backward_rows(grad, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx,
+                                          need_dy, denom=denom)
         return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
 
 

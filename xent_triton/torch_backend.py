@@ -180,7 +180,7 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
     """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
-    g_all = grad.reshape(rows.n_rows).to(rows.acc)
+    g_all = (grad.expand(rows.n_rows) if grad.dim() == 0 else grad.reshape(rows.n_rows)).to(rows.acc)
     if denom is not None:
         # As autograd's division would: the denominator in the gradient's dtype (an int as a scalar).
         g_all = g_all / (denom.to(rows.acc) if isinstance(denom, torch.Tensor) else denom)

@@ -19,6 +19,8 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 def _hi_lo(v: float):
     """Split a float into fp32 hi + lo (see kernels.row_math.f64_param)."""
+    if v == 0.0:
+        return 0.0, 0.0  # the common case (an option turned off), without the packing's host time
     hi = struct.unpack("f", struct.pack("f", v))[0]
     return hi, v - hi
 
@@ -196,10 +198,14 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     n, V = rows.n_rows, rows.n_cols
     if n == 0:
         return
-    g = grad.reshape(n)
+    if grad.dim() == 0:
+        g, sg = grad, 0  # a reduced loss's gradient, read for every row
+    else:
+        g = grad if grad.dim() == 1 else grad.reshape(n)
+        sg = g.stride(0)
     den, den_hi, den_lo, divide = _divisor(rows, denom)
     # Inputs, upstream gradient and statistics, then the outputs (unused ones get the logits' pointer).
-    operands = (*_inputs(rows), g, g.stride(0) * rows.n_inner, g.stride(0), den, den_hi, den_lo, lse, qsum,
+    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, den, den_hi, den_lo, lse, qsum,
                 dx_buf if dx_buf is not None else rows.logits,
                 *(_row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)),
                 dy_buf if dy_buf is not None else rows.logits)
