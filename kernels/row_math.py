@@ -21,16 +21,13 @@ def f64_param(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def divided_grad(g, DEN, den_hi, den_lo, DIVIDE: tl.constexpr, ACC: tl.constexpr):
-    """The upstream gradient of a row, divided by a ``mean``'s denominator when DIVIDE is 1 (the host
-    float den_hi + den_lo, see f64_param) or 2 (one element at DEN: a count or a weight sum). The
-    division rounds as torch's does (the autograd of loss.sum() / denominator gives these bits):
-    fp32 division is otherwise approximate on the GPU."""
-    if DIVIDE != 0:
-        if DIVIDE == 1:
-            den = f64_param(den_hi, den_lo, ACC)
-        else:
-            den = tl.load(DEN).to(ACC)
+def divided_grad(g, DEN, DIVIDE: tl.constexpr, ACC: tl.constexpr):
+    """The upstream gradient of a row, divided (DIVIDE) by a ``mean``'s denominator: one element at DEN (a
+    count or a weight sum, on the device). Rounded as torch's tensor-by-tensor division (autograd's
+    division of the composition loss.sum() / denominator gives these bits): fp32 division is otherwise
+    approximate on the GPU."""
+    if DIVIDE:
+        den = tl.load(DEN).to(ACC)
         if ACC == tl.float64:
             g = g / den
         else:

@@ -21,7 +21,7 @@ def xent_backward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    G, sg_outer, sg_inner, DEN, den_hi, den_lo,
+    G, sg_outer, sg_inner, DEN,
     LSE, QSUM,
     DX, sdx_outer, sdx_inner,
     DY, S, WROTE, POLICY,
@@ -39,8 +39,8 @@ def xent_backward_kernel(
     LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
     shard they are the global (all-shard) values.
 
-    DIVIDE: G is divided by a mean's denominator first (row_math.divided_grad); G may then be one
-    element read with zero strides: the mean's backward needs no per-row gradient tensor.
+    DIVIDE: G is divided by a mean's denominator (one element at DEN) first (row_math.divided_grad).
+    G may be one element read with zero strides: a reduced loss's backward needs no per-row tensor.
 
     SKIP_SCALED (after xent_step_kernel): if WROTE[0] != 0, DX already holds the
     gradient for an upstream gradient equal to the scalar S. Rows whose G equals
@@ -61,7 +61,7 @@ def xent_backward_kernel(
     Y_row = Y + outer * sy_outer + inner * sy_inner
     t, active, valid, tw = row_target(T, outer * st_outer + inner * st_inner, W, V, n_classes, class_offset,
                                       ignore_index, smoothing, HARD, HAS_WEIGHT, ACC)
-    g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, den_hi, den_lo, DIVIDE, ACC)
+    g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, DIVIDE, ACC)
     col_begin = part * cols_per_prog
     col_end = tl.minimum(col_begin + cols_per_prog, V)
     if SKIP_SCALED:

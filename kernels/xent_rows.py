@@ -84,7 +84,7 @@ def xent_rows_backward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    G, sg_outer, sg_inner, DEN, den_hi, den_lo,
+    G, sg_outer, sg_inner, DEN,
     LSE, QSUM,
     DX, sdx_outer, sdx_inner,
     DY,
@@ -102,7 +102,7 @@ def xent_rows_backward_kernel(
     row, row_ok, outer, inner, t, active, valid, tw = _tile_rows(
         T, st_outer, st_inner, W, V, n_rows, n_inner, n_classes, class_offset, ignore_index, smoothing,
         HARD, HAS_WEIGHT, ROWS, ACC)
-    g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, den_hi, den_lo, DIVIDE, ACC)
+    g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, DIVIDE, ACC)
     g = tl.where(active, g, 0.0)
     lse = tl.load(LSE + row).to(ACC)
     coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(r'''
     from xent_triton.kernels import (xent_forward_kernel, xent_combine_kernel, xent_backward_kernel, xent_step_kernel,
                                     xent_rows_forward_kernel, xent_rows_backward_kernel)
 
-    FLOATS = {"smoothing", "smoothing_lo", "z_scale", "z_scale_lo", "softcap", "softcap_lo", "den_hi", "den_lo"}
+    FLOATS = {"smoothing", "smoothing_lo", "z_scale", "z_scale_lo", "softcap", "softcap_lo"}
 
     def build(fn, ptrs, consts, num_warps, int_type="i32"):
         sig = {}
@@ -87,7 +87,7 @@ def _ept(x, block, warps):
     return slice_width(block, warps, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[x])
 
 
-def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, divide=0):
+def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, divide=False):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", DEN="*i64", LSE=f"*{acc}", QSUM=f"*{acc}",
                 DX=f"*{x}", DY=f"*{y}", S="*fp32", WROTE="*i32", POLICY="*i32")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, NEED_DX=True,
@@ -104,7 +104,7 @@ def _step(x, y, acc, hard, extras, block=4096, warps=16):
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
-def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False, max_regs=128, divide=0):
+def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False, max_regs=128, divide=False):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
                 G="*fp32", DEN="*fp32", DX=f"*{x}", DY=f"*{y}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, ROWS=rows,
@@ -131,10 +131,10 @@ CASES = {
     "backward_hard_all_features": [_bwd("bf16", "bf16", "fp32", True, True, False)],
     "backward_fp64": [_bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4)],
     "backward_after_fused_step": [_bwd("bf16", "bf16", "fp32", True, True, False, skip=True)],
-    # A mean's backward: the upstream gradient divided by a device count (2) or a host float (1).
-    "backward_of_a_mean": [_bwd("bf16", "bf16", "fp32", True, False, False, divide=2),
-                           _bwd("fp64", "fp64", "fp64", False, False, True, block=512, warps=4, divide=1),
-                           _rows("rows_bwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16, divide=2)],
+    # A mean's backward: the upstream gradient divided by a device count or weight sum.
+    "backward_of_a_mean": [_bwd("bf16", "bf16", "fp32", True, False, False, divide=True),
+                           _bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4, divide=True),
+                           _rows("rows_bwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16, divide=True)],
     "fused_step_hard_bf16": [_step("bf16", "bf16", "fp32", True, False)],
     # The tiles launch_config.rows_launch picks: 2 x 1024 (V = 1000), 16 x 128, 128 x 2, all with 4 elements
     # per thread; fp64 with every feature is the heaviest.

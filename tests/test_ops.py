@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import xent_triton
 from xent_triton.function import SoftmaxCrossEntropyWithLogits
-from helpers import close, rand_logits, rand_probs
+from helpers import close, rand_logits, rand_probs, tol
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -162,6 +162,9 @@ def _all_paths(device):
         (lambda: xent_triton.cross_entropy(xh, t) * 3.0, [xh]),
         (lambda: xent_triton.cross_entropy(xh, t, reduction="sum", weight=w.to(torch.float64)), [xh]),
         (lambda: xent_triton.cross_entropy(x, y, label_smoothing=0.2), [x, y]),
+        # A row count as denominator, and an upstream gradient that is not a power of 2: on CUDA autograd
+        # divides by a host number as a multiply by its reciprocal, which the direct path must match.
+        (lambda: xent_triton.cross_entropy(x, y) * 3.0, [x, y]),
         (lambda: xent_triton.cross_entropy(xh, y.to(torch.bfloat16), reduction="sum") / 7, [xh]),
         (lambda: xent_triton.cross_entropy(x, ignored), [x]),
     ]
@@ -179,7 +182,8 @@ def test_eager_direct_path_equals_custom_ops(backend, device, monkeypatch):
         for u, v in zip(a, b):
             assert (u is None) == (v is None)
             if u is not None:
-                assert torch.equal(u, v) or (u.isnan().all() and v.isnan().all())  # all rows ignored: 0 / 0
+                # Exact, NaN where the other is NaN (all rows ignored: a mean of 0 / 0).
+                torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
 
 
 class _Recorder:
@@ -233,6 +237,24 @@ def test_mean_step_host_work(device, monkeypatch):
     assert sorted(e[1] for e in forward if e[0] == "op") == ["div", "ne", "sum", "sum"]
     # Which backward kernel depends on the device's SM count (launch_config.rows_launch).
     assert log in ([("op", "ones_like"), ("launch", k)] for k in ("xent_backward_kernel", "xent_rows_backward_kernel"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_compiled_autograd_reduced_loss(backend, device, kind, reduction):
+    """Compiled autograd traces the reduced loss's backward with fake tensors: it must take the custom op
+    (it reached the kernels with fake tensors once), and give eager's gradient."""
+    x = rand_logits((6, 11), torch.float32, device)
+    t = torch.randint(0, 11, (6,), device=device) if kind == "hard" else rand_probs((6, 11), torch.float32, device)
+    if kind == "hard":
+        t[1] = -100
+    (g_eager,) = torch.autograd.grad(xent_triton.cross_entropy(x, t, reduction=reduction) * 3.0, x)
+    torch._dynamo.reset()
+    x.grad = None
+    loss = xent_triton.cross_entropy(x, t, reduction=reduction) * 3.0
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        loss.backward()
+    close(x.grad, g_eager, **tol(torch.float32))
 
 
 def test_direct_only_for_plain_eager_tensors(device):

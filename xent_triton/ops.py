@@ -19,7 +19,7 @@ from torch import Tensor
 from . import backend
 from ._alloc import new_output
 from .layout import acc_dtype, batch_shape, check_inplace, grad_buffer_shape, make_rows
-from .reduction import reduce_rows
+from .reduction import divide, reduce_rows
 
 
 def _impl(device: torch.device):
@@ -132,7 +132,7 @@ def _backward_impl(
 
 def _backward_rows(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
                    lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1, denom=None):
-    """_backward_impl, with the upstream gradient divided by ``denom`` (a mean's; an int or a tensor) first."""
+    """_backward_impl, with the upstream gradient divided by ``denom`` (a mean's, a device tensor) first."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, new_output)
     _run(logits.device, "backward", rows, grad, _flat(lse), _flat(qsum), ignore_index, label_smoothing,
@@ -212,7 +212,7 @@ class _ReducedFunction(torch.autograd.Function):
     problems (perf/NOTES.md P14). Here the backward kernel reads the one-element upstream gradient with
     zero strides and divides it by the denominator itself, rounded as torch's division
     (kernels/row_math.divided_grad): the same gradient bits as the composition, which the custom ops
-    still use (torch.compile fuses those small ops itself).
+    still use (torch.compile fuses those small ops itself; compiled autograd gets it from backward).
     """
 
     @staticmethod
@@ -236,10 +236,24 @@ class _ReducedFunction(torch.autograd.Function):
         if grad is None or not (need_dx or need_dy):
             return (None,) * 12
         logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
-        denom = dev_denom if dev_denom is not None else ctx.host_denom
-        # The one-element gradient as it is: the backends read it for every row (zero strides).
-        dlogits, dlabels = _backward_rows(grad, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx,
-                                          need_dy, denom=denom)
+        tensors = (grad, logits, labels, target, weight, lse, qsum, dev_denom)
+        if not _direct(*tensors):
+            # Compiled autograd, fake tensors, subclasses: the composition's gradient, through the custom op.
+            g = grad.to(lse.dtype)
+            if ctx.host_denom is not None or dev_denom is not None:
+                g = divide(g, dev_denom if dev_denom is not None else ctx.host_denom)
+            dlogits, dlabels = backward(g.expand(lse.shape), logits, labels, target, weight, lse, qsum, *ctx.params,
+                                        need_dx, need_dy)
+        elif ctx.host_denom is not None:
+            # A row count (probabilities): divided as autograd divides by a host number, which on CUDA is a
+            # multiply by its reciprocal, not the kernel's division.
+            dlogits, dlabels = _backward_rows(divide(grad.to(lse.dtype), ctx.host_denom), logits, labels, target,
+                                              weight, lse, qsum, *ctx.params, need_dx, need_dy)
+        else:
+            # The one-element gradient as it is: the backends read it for every row (zero strides), and
+            # divide it by a device denominator themselves.
+            dlogits, dlabels = _backward_rows(grad, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx,
+                                              need_dy, denom=dev_denom)
         return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
 
 

@@ -182,8 +182,8 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
     g_all = (grad.expand(rows.n_rows) if grad.dim() == 0 else grad.reshape(rows.n_rows)).to(rows.acc)
     if denom is not None:
-        # As autograd's division would: the denominator in the gradient's dtype (an int as a scalar).
-        g_all = g_all / (denom.to(rows.acc) if isinstance(denom, torch.Tensor) else denom)
+        # As autograd's division of the composition would: the denominator in the gradient's dtype.
+        g_all = g_all / denom.to(rows.acc)
     redo = None
     if skip_scale is not None:
         # Rows whose gradient is the one a fused step assumed already hold their dlogits.

@@ -173,17 +173,6 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     return loss, lse, qsum, wrote
 
 
-def _divisor(rows: Rows, denom):
-    """(DEN, den_hi, den_lo, DIVIDE) of kernels.row_math.divided_grad for a mean's denominator: None, a
-    host number (the row count of probabilities) or a one-element tensor (class indices' count or weight
-    sum, never read on the host)."""
-    if denom is None:
-        return rows.logits, 0.0, 0.0, 0
-    if isinstance(denom, torch.Tensor):
-        return denom, 0.0, 0.0, 2
-    return (rows.logits, *_hi_lo(float(denom)), 1)
-
-
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
     """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None).
@@ -192,8 +181,8 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     class-last logits view itself; ``dy_buf`` is contiguous. After a fused step,
     ``skip_scale`` is the one-element scale it assumed and ``written`` whether it
     wrote ``dx_buf``: if it did, rows whose gradient equals the scale are left as
-    they are. ``denom``: the upstream gradient is divided by it first (a ``mean``'s denominator; see
-    _divisor), and ``grad`` may then be one element expanded to the rows.
+    they are. ``denom``: a one-element tensor the upstream gradient is divided by first (a ``mean``'s
+    denominator). ``grad`` may be 0-dim (a reduced loss's): every row reads it.
     """
     n, V = rows.n_rows, rows.n_cols
     if n == 0:
@@ -203,15 +192,14 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     else:
         g = grad if grad.dim() == 1 else grad.reshape(n)
         sg = g.stride(0)
-    den, den_hi, den_lo, divide = _divisor(rows, denom)
     # Inputs, upstream gradient and statistics, then the outputs (unused ones get the logits' pointer).
-    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, den, den_hi, den_lo, lse, qsum,
+    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, denom if denom is not None else rows.logits, lse, qsum,
                 dx_buf if dx_buf is not None else rows.logits,
                 *(_row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)),
                 dy_buf if dy_buf is not None else rows.logits)
     options = _options(ignore_index, smoothing, z_scale, softcap)
     flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0, NEED_DX=dx_buf is not None,
-                 NEED_DY=dy_buf is not None, DIVIDE=divide)
+                 NEED_DY=dy_buf is not None, DIVIDE=denom is not None)
     # After a fused step (skip_scale) the per-row kernel runs: it skips whole rows.
     short = launch_config.rows_launch(n, V, rows.logits.device) if skip_scale is None else None
     if short is not None:
