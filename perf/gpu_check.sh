@@ -12,17 +12,19 @@
 #   bash perf/gpu_check.sh --host --tune-quick   # tests, perf/host_overhead.py and perf/rows_probe.py
 #                                       # (~1 min together; --rows: the probe alone), perf.tune_tiles --quick
 #                                       # (~2-3 min) whose tiles.json this run then uses, and the quick sweep
+#   bash perf/gpu_check.sh --ab --host --no-sweep   # also perf/loop_ab.py (~1-2 min): the forward's row loop
+#                                       # before and after perf/NOTES.md P16, in one run (writes loop_ab.csv)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),
 #   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
 #   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220),
-#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), TUNE_TIMEOUT_S (520; 240 with --tune-quick).
+#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), AB_TIMEOUT_S (200), TUNE_TIMEOUT_S (520; 240 with --tune-quick).
 # Writes into $OUT: pytest.log, sweep.log, and from the sweep sweep.csv, sweep.md, log.txt, pct_of_copy.png,
 # speedup_vs_compile.png (and the other stages' files). The device tool returns at most 8 files: past 8,
 # everything is packed into $OUT/bundle.tar.gz and only the summaries stay beside it.
 # Exit status: 0 all good; bit 1 set when the tests failed (or found none, or timed out); bit 2 set when the
-# sweep, linear_bench, host_overhead or the quick tuning failed, or the sweep had a FAIL/ERROR row. The sweep
+# sweep, linear_bench, host_overhead, loop_ab or the quick tuning failed, or the sweep had a FAIL/ERROR row. The sweep
 # runs even when the tests fail.
 set -uo pipefail
 
@@ -31,7 +33,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
 
-FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; ROWS=0; TUNE_QUICK=0
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; ROWS=0; TUNE_QUICK=0; AB=0
 for a in "$@"; do
   case "$a" in
     --full) FULL=1 ;;
@@ -41,8 +43,9 @@ for a in "$@"; do
     --linear) LINEAR=1; RUN_SWEEP=0 ;;
     --host) HOST=1; ROWS=1 ;;
     --rows) ROWS=1 ;;
+    --ab) AB=1 ;;
     --tune-quick) TUNE_QUICK=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -147,9 +150,10 @@ stage() {
 }
 
 # (c') host time of small problems; device time of the short-row kernels
-HOST_RC=-1; ROWS_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1
+HOST_RC=-1; ROWS_RC=-1; AB_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1
 if [ "$HOST" = 1 ]; then stage host.log "${HOST_TIMEOUT_S:-120}" perf.host_overhead --out "$OUT"; HOST_RC=$STAGE_RC; fi
 if [ "$ROWS" = 1 ]; then stage rows_probe.log "${ROWS_TIMEOUT_S:-90}" perf.rows_probe --out "$OUT"; ROWS_RC=$STAGE_RC; fi
+if [ "$AB" = 1 ]; then stage loop_ab.log "${AB_TIMEOUT_S:-200}" perf.loop_ab --out "$OUT"; AB_RC=$STAGE_RC; fi
 
 # (c'') quick tile tuning, whose table this run's sweep then uses
 if [ "$TUNE_QUICK" = 1 ]; then
@@ -188,13 +192,14 @@ fi
 [ "$LINEAR" = 1 ] && echo "linear_bench: rc $LINEAR_RC"
 [ "$HOST" = 1 ] && echo "host_overhead: rc $HOST_RC"
 [ "$ROWS" = 1 ] && echo "rows_probe: rc $ROWS_RC"
+[ "$AB" = 1 ] && echo "loop_ab: rc $AB_RC"
 [ "$TUNE_QUICK" = 1 ] && echo "tune --quick: rc $TUNEQ_RC"
 if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
   # The device tool returns 8 files at most: pack them all, keep the summaries readable beside the pack.
   tar czf /tmp/bundle.tar.gz -C "$OUT" . && mv /tmp/bundle.tar.gz "$OUT/bundle.tar.gz"
   for f in "$OUT"/*; do
     case "$(basename "$f")" in
-      bundle.tar.gz|sweep.md|host_overhead.md|tiles.json|linear.md|pytest.log|rows_probe.csv) ;;
+      bundle.tar.gz|sweep.md|host_overhead.md|tiles.json|linear.md|pytest.log|rows_probe.csv|loop_ab.csv) ;;
       *) rm -f "$f" ;;
     esac
   done
@@ -209,5 +214,6 @@ if [ "$RUN_SWEEP" = 1 ] && [ "$SWEEP_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$LINEAR" = 1 ] && [ "$LINEAR_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$HOST" = 1 ] && [ "$HOST_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$ROWS" = 1 ] && [ "$ROWS_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$AB" = 1 ] && [ "$AB_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$TUNE_QUICK" = 1 ] && [ "$TUNEQ_RC" != 0 ]; then RC=$((RC | 2)); fi
 exit "$RC"

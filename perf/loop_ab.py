@@ -1,0 +1,111 @@
+"""Device time of the forward's row loop: per-slice statistics (the shipped kernel) against block-wide ones
+(the loop before perf/NOTES.md P16, kept in perf/forward_block_state.py), in one run on one card.
+
+    python -m perf.loop_ab --out DIR      # ~1-2 min on a GPU machine; writes loop_ab.csv
+
+Both kernels get the same rows, the same tile (BLOCK, num_warps) and one program per row (no split), and
+each launch is replayed in a CUDA graph (triton.testing.do_bench_cudagraph): kernel time alone, no host
+time. Each result is checked against float64 torch on its first rows before it is timed. Without CUDA it
+runs the same checks through the Triton interpreter on a small problem and times nothing.
+"""
+import argparse
+import csv
+import os
+
+import torch
+
+SHAPES = [(8192, 128256), (8192, 32000), (2048, 256000)]
+TILES = [(1024, 4), (1024, 8), (2048, 8), (2048, 16)]
+CHECK_ROWS = 64
+
+
+def _launch(kernel, rows, block, warps, new):
+    """The forward of one problem through ``kernel`` with the host code of triton_backend.forward."""
+    from xent_triton import launch_config, triton_backend as tb
+
+    n = rows.n_rows
+    loss, lse, qsum = tb._row_outputs(rows, torch.float32)
+    extra = dict(EPT=launch_config.slice_width(block, warps, rows.logits.element_size())) if new else {}
+    kernel[(n, 1)](
+        # PART is never written with SPLIT == 1; cols_per_split is the whole row.
+        *tb._inputs(rows), loss, lse, qsum, lse, *tb._row_geometry(rows), rows.n_cols,
+        *tb._options(-100, 0.0, 0.0, 0.0),
+        SPLIT=1, Y_ALIGNED=tb._aligned_like(rows, rows.labels, rows.y_strides), BLOCK=block, num_warps=warps,
+        HAS_Z=False, **tb._flags(rows, 0.0, 0.0), **extra,
+    )
+    return loss
+
+
+def _reference(x, y, t):
+    xd = x[:CHECK_ROWS].double()
+    if t is not None:
+        return torch.nn.functional.cross_entropy(xd, t[:CHECK_ROWS], reduction="none")
+    return -(y[:CHECK_ROWS].double() * torch.log_softmax(xd, -1)).sum(-1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    from xent_triton.kernels import xent_forward_kernel
+    from xent_triton.layout import make_rows
+
+    from .forward_block_state import block_state_forward_kernel
+
+    dev = torch.device("cuda" if cuda else "cpu")
+    shapes = SHAPES if cuda else [(16, 5000)]
+    tiles = TILES if cuda else [(256, 1)]
+    copy_gbps = None
+    if cuda:
+        src = torch.empty(2**28, dtype=torch.bfloat16, device=dev)
+        dst = torch.empty_like(src)
+        copy_gbps = 2 * src.numel() * 2 / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
+        del src, dst
+        print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}, "
+              f"copy {copy_gbps:.0f} GB/s (graph-replayed)")
+    else:
+        print("loop_ab: no CUDA GPU; checking both loops under the Triton interpreter, timing nothing")
+    out, failed = [], 0
+    for n, v in shapes:
+        x = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 3
+        y = torch.softmax(torch.randn(n, v, device=dev), -1).to(torch.bfloat16)
+        t = torch.randint(0, v, (n,), device=dev)
+        for kind, labels, target in (("soft", y, None), ("hard", None, t)):
+            rows = make_rows(x, labels, target, None, 1)
+            ref = _reference(x, labels, target)
+            nbytes = (2 if kind == "soft" else 1) * x.numel() * 2
+            for block, warps in tiles:
+                for loop, kernel, new in (("per_slice", xent_forward_kernel, True),
+                                          ("block_wide", block_state_forward_kernel, False)):
+                    def fwd():
+                        return _launch(kernel, rows, block, warps, new)
+
+                    err = ((fwd()[:CHECK_ROWS].double() - ref).abs() / ref.abs().clamp_min(1)).max().item()
+                    ok = err < 1e-4
+                    failed += not ok
+                    ms = triton.testing.do_bench_cudagraph(fwd, rep=50) if cuda and ok else float("nan")
+                    pct = 100 * nbytes / ms / 1e6 / copy_gbps if cuda and ok else float("nan")
+                    out.append(dict(N=n, V=v, labels=kind, block=block, num_warps=warps, loop=loop,
+                                    us=round(ms * 1e3, 2), pct_of_copy=round(pct, 1), max_rel_err=f"{err:.1e}",
+                                    check="ok" if ok else "FAIL"))
+                    print(f"{n:>5} x {v:<6} {kind} {block:>4}/{warps:<2} {loop:<10} {ms * 1e3:9.2f} us "
+                          f"{pct:5.1f}% of copy  err {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+        del x, y, t
+        if cuda:
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "loop_ab.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(out[0]))
+        w.writeheader()
+        w.writerows(out)
+    print(f"wrote {args.out}/loop_ab.csv; {failed} check(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
