@@ -210,9 +210,10 @@ class _ReducedFunction(torch.autograd.Function):
     more autograd nodes and five more small kernels in the backward (the cast back, the division, the
     expand, zero gradients for lse and qsum), each costing host time, which sets the time of small
     problems (perf/NOTES.md P14). Here the backward kernel reads the one-element upstream gradient with
-    zero strides and divides it by the denominator itself, rounded as torch's division
-    (kernels/row_math.divided_grad): the same gradient bits as the composition, which the custom ops
-    still use (torch.compile fuses those small ops itself; compiled autograd gets it from backward).
+    zero strides and divides it by a device denominator (class indices' count or weight sum) itself,
+    rounded as torch's division (kernels/row_math.divided_grad): the same gradient bits as the
+    composition, which the custom ops still use (torch.compile fuses those small ops itself; compiled
+    autograd gets it from backward).
     """
 
     @staticmethod
