@@ -139,3 +139,39 @@ def test_very_negative_finite_rows(backend, device, split, monkeypatch):
     x64 = torch.tensor([[-800.0, -801.0, -803.0]], dtype=torch.float64, device=device)
     close(xent_triton.cross_entropy(x64, torch.tensor([1], device=device)),
           F.cross_entropy(x64, torch.tensor([1], device=device)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_statistics_merged_across_slices(backend, device, split, monkeypatch):
+    """The forward keeps its statistics per slice of a block and merges them after the loop
+    (kernels/xent_forward.combine_parts): slices wholly -inf, slices far below the row's max, label mass
+    only on a few finite columns, and one -inf logit under a label deep in the row, across many blocks
+    and split parts."""
+    from xent_triton import launch_config
+
+    monkeypatch.setattr(launch_config, "FORCE_SPLIT", split)
+    V = 5000
+    x = rand_logits((5, V), torch.float32, device, requires_grad=False)
+    cols = torch.arange(V, device=device)
+    x[0, (cols // 8) % 3 == 0] = float("-inf")  # every third run of 8 columns masked
+    x[1, :2100] = float("-inf")  # the first blocks wholly masked
+    x[2, cols % 64 < 4] += 60.0  # a few slices far above the others: every merge rescales
+    x[2, cols % 64 >= 60] -= 60.0
+    x[3] = float("-inf")
+    x[3, 4321] = 2.0  # one finite logit: softmax one-hot
+    x[4, 3999] = float("-inf")  # under a label below: an infinite loss
+    y = rand_probs((5, V), torch.float32, device).masked_fill(x == float("-inf"), 0)
+    y[0, (cols % 97) != 5] = 0  # sparse label mass, on finite columns
+    y[4, 3999] = 0.25
+    x.requires_grad_()
+    out = sce(y, x)
+    ref = ref_soft(y, x.detach())
+    assert out[4].item() == math.inf
+    close(out[:4], ref[:4], rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(out[:4].sum(), x)
+    p = torch.softmax(x.detach()[:4].double(), -1)
+    close(g[:4], p * y[:4].double().sum(-1, keepdim=True) - y[:4].double(), rtol=1e-5, atol=1e-7)
+    t = torch.tensor([8, 2500, 3, 4321, 3999], device=device)
+    hard = xent_triton.cross_entropy(x, t, reduction="none")
+    assert hard[4].item() == math.inf
+    close(hard[:4], F.cross_entropy(x.detach()[:4].double(), t[:4], reduction="none"), rtol=1e-5, atol=1e-5)
