@@ -138,19 +138,17 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     loss_fp32 = autocast or reduction != "none" or out_dtype != input.dtype
     n_rows = input.numel() // C if C else 0
     denom = mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
-    if _takes_fused_step(input, labels, n_rows, C, reduction, inplace_backward):
-        step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32, labels), input.device)
-        loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index, label_smoothing,
-                             lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
-        loss = reduce_rows(loss, reduction, denom=denom).to(out_dtype)
-    elif reduction != "none" and not _inplace_mode(input, inplace_backward):
+    fused = _takes_fused_step(input, labels, n_rows, C, reduction, inplace_backward)
+    if reduction != "none" and not fused and not _inplace_mode(input, inplace_backward):
+        # The common case: the reduction inside the loss's own autograd node (ops._ReducedFunction).
         loss, lse = ops.forward_reduced(input, labels, index_target, weight, axis, int(ignore_index),
                                         float(label_smoothing), float(lse_square_scale), float(softcap or 0.0),
                                         reduction, denom, out_dtype)
     else:
+        step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32, labels), input.device) if fused else None
         loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index, label_smoothing,
-                             lse_square_scale, softcap, loss_fp32, inplace_backward)
-        loss = reduce_rows(loss, reduction, denom=denom).to(out_dtype)
+                             lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
+        loss = reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype)
     return (loss, lse.detach()) if return_lse else loss
 
 
