@@ -21,7 +21,6 @@ of the host time, and its op count, can be compared before and after a change on
 """
 import argparse
 import cProfile
-import csv
 import io
 import os
 import pstats
@@ -29,6 +28,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from .common import write_csv
 
 SHAPES = [(1, 128256), (64, 256000), (32768, 1024), (8192, 32000)]
 # Calls per timed loop: few enough that their launches (~8 a step) fit CUDA's launch queue (~1024), so
@@ -130,11 +131,7 @@ def stubbed(out_dir, reps=200):
                 print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {us:7.1f} us  {len(mode.names)} torch ops "
                       f"({row['ops']}; {mode.calls} dispatcher calls with views and allocations), "
                       f"{len(launches)} launches of {row['launch_args']} args")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "host_stubbed.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out_dir, "host_stubbed.csv", rows)
     print(f"wrote {out_dir}/host_stubbed.csv")
     return 0
 
@@ -193,10 +190,7 @@ def main(argv=None):
         del x0, x, t, y
         torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "host_overhead.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.out, "host_overhead.csv", rows)
     with open(os.path.join(args.out, "host_overhead.md"), "w") as fh:
         fh.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
                  "bf16; host = CPU us per call, gpu = do_bench median us\n\n")

@@ -9,10 +9,11 @@ time. Each result is checked against float64 torch on its first rows before it i
 runs the same checks through the Triton interpreter on a small problem and times nothing.
 """
 import argparse
-import csv
 import os
 
 import torch
+
+from .common import graph_copy_gbps, write_csv
 
 SHAPES = [(8192, 128256), (8192, 32000), (2048, 256000)]
 TILES = [(1024, 4), (1024, 8), (2048, 8), (2048, 16)]
@@ -62,10 +63,7 @@ def main(argv=None):
     tiles = TILES if cuda else [(256, 1)]
     copy_gbps = None
     if cuda:
-        src = torch.empty(2**28, dtype=torch.bfloat16, device=dev)
-        dst = torch.empty_like(src)
-        copy_gbps = 2 * src.numel() * 2 / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
-        del src, dst
+        copy_gbps = graph_copy_gbps(dev)
         print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}, "
               f"copy {copy_gbps:.0f} GB/s (graph-replayed)")
     else:
@@ -98,11 +96,7 @@ def main(argv=None):
         del x, y, t
         if cuda:
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "loop_ab.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(out[0]))
-        w.writeheader()
-        w.writerows(out)
+    write_csv(args.out, "loop_ab.csv", out)
     print(f"wrote {args.out}/loop_ab.csv; {failed} check(s) failed")
     return 1 if failed else 0
 

@@ -8,10 +8,10 @@ graph (triton.testing.do_bench_cudagraph), so it times the kernels alone. ROWS =
 launch_config.rows_launch: rows x BLOCK / 128, at most 16). perf/tune_tiles.py does not cover these kernels.
 """
 import argparse
-import csv
-import os
 
 import torch
+
+from .common import graph_copy_gbps, write_csv
 
 SHAPES = [(32768, 1024), (131072, 128)]
 ROWS = (1, 2, 4, 8, 16)
@@ -30,10 +30,7 @@ def main(argv=None):
     from xent_triton import ops
 
     dev = torch.device("cuda")
-    src = torch.empty(2**28, dtype=torch.bfloat16, device=dev)
-    dst = torch.empty_like(src)
-    copy_gbps = 2 * src.numel() * 2 / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
-    del src, dst
+    copy_gbps = graph_copy_gbps(dev)
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (graph-replayed)")
     rows_out = []
     for n, v in SHAPES:
@@ -72,11 +69,7 @@ def main(argv=None):
                     lc.FORCE_ROWS = None
         del x, y, t, g
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "rows_probe.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows_out[0]))
-        w.writeheader()
-        w.writerows(rows_out)
+    write_csv(args.out, "rows_probe.csv", rows_out)
     print(f"wrote {args.out}/rows_probe.csv")
     return 0
 

@@ -237,24 +237,21 @@ class _ReducedFunction(torch.autograd.Function):
         if grad is None or not (need_dx or need_dy):
             return (None,) * 12
         logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
-        tensors = (grad, logits, labels, target, weight, lse, qsum, dev_denom)
-        if not _direct(*tensors):
-            # Compiled autograd, fake tensors, subclasses: the composition's gradient, through the custom op.
-            g = grad.to(lse.dtype)
-            if ctx.host_denom is not None or dev_denom is not None:
-                g = divide(g, dev_denom if dev_denom is not None else ctx.host_denom)
-            dlogits, dlabels = backward(g.expand(lse.shape), logits, labels, target, weight, lse, qsum, *ctx.params,
-                                        need_dx, need_dy)
-        elif ctx.host_denom is not None:
-            # A row count (probabilities): divided as autograd divides by a host number, which on CUDA is a
-            # multiply by its reciprocal, not the kernel's division.
-            dlogits, dlabels = _backward_rows(divide(grad.to(lse.dtype), ctx.host_denom), logits, labels, target,
-                                              weight, lse, qsum, *ctx.params, need_dx, need_dy)
-        else:
+        inputs = (logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy)
+        direct = _direct(grad, logits, labels, target, weight, lse, qsum, dev_denom)
+        if direct and ctx.host_denom is None:
             # The one-element gradient as it is: the backends read it for every row (zero strides), and
             # divide it by a device denominator themselves.
-            dlogits, dlabels = _backward_rows(grad, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx,
-                                              need_dy, denom=dev_denom)
+            dlogits, dlabels = _backward_rows(grad, *inputs, denom=dev_denom)
+        else:
+            # The composition's gradient: autograd's cast, then its division. A row count (probabilities) is a
+            # host number, which autograd on CUDA divides by as a multiply by its reciprocal, not the
+            # kernel's division; compiled autograd, fake tensors and subclasses need the custom op.
+            g = grad.to(lse.dtype)
+            denom = dev_denom if dev_denom is not None else ctx.host_denom
+            if denom is not None:
+                g = divide(g, denom)
+            dlogits, dlabels = _backward_rows(g, *inputs) if direct else backward(g.expand(lse.shape), *inputs)
         return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
 
 
