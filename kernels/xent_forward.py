@@ -76,7 +76,7 @@ def combine_parts(m, s, d, qsum, nnz, LABELS: tl.constexpr):
 def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, smoothing, softcap,
                  HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                  SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, EPT: tl.constexpr,
-                 ACC: tl.constexpr, EVICT: tl.constexpr):
+                 ACC: tl.constexpr, EVICT: tl.constexpr, STAGES: tl.constexpr):
     """Online statistics over columns [col_begin, col_end); EVICT is the L2 hint of the loads.
 
     Returns m (the running max, -inf replaced by 0), s = sum(exp(x - m)),
@@ -93,6 +93,10 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
 
     The blocks wholly inside the row come first, as unmasked aligned vector loads, then the
     partial ones (row_math.block_ranges). Y_ALIGNED: see row_math.same_run.
+
+    STAGES > 1 software-pipelines the whole blocks' loads (asynchronous copies into shared memory,
+    STAGES - 1 blocks ahead): a program then has that many blocks in flight instead of one, which
+    is what a grid of few programs per SM (the fused step's) needs to cover the memory latency.
     """
     # Class indices without smoothing: q is nonzero in the target column only, so the loop keeps no
     # label state at all (fewer registers and instructions); the target logit is read once after it.
@@ -108,7 +112,7 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
     first = col_begin - lead  # the column of lane 0 of the frame
     n, k0, k1, e0, e1, e_step = block_ranges(col_begin, col_end, lead, True, BLOCK)
     tile = tl.arange(0, R)[:, None] * EPT + tl.arange(0, EPT)[None, :]
-    for k in range(k0, k1, BLOCK):
+    for k in tl.range(k0, k1, BLOCK, num_stages=STAGES):
         offs = k + tile
         m, s, d, qsum, nnz = _stats_block(m, s, d, qsum, nnz, Xb + offs, Yb + offs, W, first + offs, None,
                                           n_classes, t, tw, active, smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH,
@@ -140,7 +144,7 @@ def xent_forward_kernel(
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
     SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, Y_ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, EPT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr, EPT: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Row statistics of softmax cross entropy.
 
@@ -172,7 +176,7 @@ def xent_forward_kernel(
     col_end = tl.where(active, col_end, col_begin)
     m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active,
                                         smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
-                                        ACC, "")
+                                        ACC, "", STAGES)
     if SPLIT == 1:
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))

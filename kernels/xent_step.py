@@ -42,7 +42,7 @@ def xent_step_kernel(
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
     SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-    EPT: tl.constexpr, ACC: tl.constexpr,
+    EPT: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Loss, lse, sum(q) and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
 
@@ -53,7 +53,9 @@ def xent_step_kernel(
     stream clears the flag meanwhile.
 
     Both walks use the blocks of row_math.aligned_run (16-byte aligned from the logits row's
-    address); *_ALIGNED say which other rows share that alignment (row_math.same_run).
+    address); *_ALIGNED say which other rows share that alignment (row_math.same_run). STAGES > 1
+    pipelines the whole blocks' loads of both walks (see _row_partial): with a few programs per SM,
+    one block in flight per program leaves HBM idle most of the time (perf/NOTES.md P17).
     """
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
@@ -73,7 +75,7 @@ def xent_step_kernel(
         load_end = tl.where(active, V, 0)
         m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, 0, load_end, n_classes, t, tw, active, smoothing,
                                           softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
-                                          ACC, "evict_last")
+                                          ACC, "evict_last", STAGES)
         loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
         tl.store(LOSS + row, to_store(loss, LOSS))
         tl.store(LSE + row, lse)
@@ -89,7 +91,7 @@ def xent_step_kernel(
         n, k0, k1, e0, e1, e_step = block_ranges(0, V, lead, active, BLOCK)
         n_full = tl.where(write, (k1 - k0) // BLOCK, 0)
         e1 = tl.where(write, e1, e0)
-        for i in range(0, n_full):
+        for i in tl.range(0, n_full, num_stages=STAGES):
             offs = k1 - (i + 1) * BLOCK + tl.arange(0, BLOCK)
             grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, None, n_classes, t, tw, active,
                        smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, True, False, ACC,

@@ -5,7 +5,7 @@
 #   bash perf/gpu_check.sh --full       # tests + the default sweep (the sweep alone takes < 8 min: add --no-tests
 #                                       # to fit one 600 s call)
 #   bash perf/gpu_check.sh --no-tests   # sweep only;   --no-sweep: tests only
-#   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~6-8 min) instead of
+#   bash perf/gpu_check.sh --tune --no-tests   # time the kernel tiles (perf/tune_tiles.py, ~3-5 min) instead of
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
 #   bash perf/gpu_check.sh --linear     # tests + perf/linear_bench.py (the fused linear head, ~1 min) instead
 #                                       # of the sweep: writes $OUT/linear.csv, linear.md, linear_log.txt
@@ -13,7 +13,8 @@
 #                                       # (~1 min together; --rows: the probe alone), perf.tune_tiles --quick
 #                                       # (~2-3 min) whose tiles.json this run then uses, and the quick sweep
 #   bash perf/gpu_check.sh --ab --host --no-sweep   # also perf/loop_ab.py (~1-2 min): the forward's row loop
-#                                       # before and after perf/NOTES.md P16, in one run (writes loop_ab.csv)
+#                                       # before and after perf/NOTES.md P16, and pipelined (P17), in one run
+#                                       # (writes loop_ab.csv)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),

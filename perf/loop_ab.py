@@ -1,5 +1,6 @@
-"""Device time of the forward's row loop: per-slice statistics (the shipped kernel) against block-wide ones
-(the loop before perf/NOTES.md P16, kept in perf/forward_block_state.py), in one run on one card.
+"""Device time of the forward's row loop: per-slice statistics (the shipped kernel), with and without
+pipelined loads (STAGES 3, perf/NOTES.md P17), against block-wide ones (the loop before perf/NOTES.md P16,
+kept in perf/forward_block_state.py), in one run on one card.
 
     python -m perf.loop_ab --out DIR      # ~1-2 min on a GPU machine; writes loop_ab.csv
 
@@ -20,13 +21,15 @@ TILES = [(1024, 4), (1024, 8), (2048, 8), (2048, 16)]
 CHECK_ROWS = 64
 
 
-def _launch(kernel, rows, block, warps, new):
+def _launch(kernel, rows, block, warps, stages):
     """The forward of one problem through ``kernel`` with the host code of triton_backend.forward."""
     from xent_triton import launch_config, triton_backend as tb
 
     n = rows.n_rows
     loss, lse, qsum = tb._row_outputs(rows, torch.float32)
-    extra = dict(EPT=launch_config.slice_width(block, warps, rows.logits.element_size())) if new else {}
+    extra = {}
+    if stages:  # the shipped kernel; 0: the old loop, which has neither EPT nor STAGES
+        extra = dict(EPT=launch_config.slice_width(block, warps, rows.logits.element_size()), STAGES=stages)
     kernel[(n, 1)](
         # PART is never written with SPLIT == 1; cols_per_split is the whole row.
         *tb._inputs(rows), loss, lse, qsum, lse, *tb._row_geometry(rows), rows.n_cols,
@@ -78,10 +81,11 @@ def main(argv=None):
             ref = _reference(x, labels, target)
             nbytes = (2 if kind == "soft" else 1) * x.numel() * 2
             for block, warps in tiles:
-                for loop, kernel, new in (("per_slice", xent_forward_kernel, True),
-                                          ("block_wide", block_state_forward_kernel, False)):
+                for loop, kernel, stages in (("per_slice", xent_forward_kernel, 1),
+                                             ("per_slice_s3", xent_forward_kernel, 3),
+                                             ("block_wide", block_state_forward_kernel, 0)):
                     def fwd():
-                        return _launch(kernel, rows, block, warps, new)
+                        return _launch(kernel, rows, block, warps, stages)
 
                     err = ((fwd()[:CHECK_ROWS].double() - ref).abs() / ref.abs().clamp_min(1)).max().item()
                     ok = err < 1e-4
@@ -91,7 +95,7 @@ def main(argv=None):
                     out.append(dict(N=n, V=v, labels=kind, block=block, num_warps=warps, loop=loop,
                                     us=round(ms * 1e3, 2), pct_of_copy=round(pct, 1), max_rel_err=f"{err:.1e}",
                                     check="ok" if ok else "FAIL"))
-                    print(f"{n:>5} x {v:<6} {kind} {block:>4}/{warps:<2} {loop:<10} {ms * 1e3:9.2f} us "
+                    print(f"{n:>5} x {v:<6} {kind} {block:>4}/{warps:<2} {loop:<12} {ms * 1e3:9.2f} us "
                           f"{pct:5.1f}% of copy  err {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
         del x, y, t
         if cuda:

@@ -506,8 +506,8 @@ def _launch_note(N: int, V: int, b: int, device: torch.device, method: str, hard
         from xent_triton import launch_config as lc
 
         if method == "xent_triton_fused":
-            s = lc.step_launch(V, b, device)
-            return f"fused step BLOCK={s.block} warps={s.num_warps} programs={s.programs}"
+            s = lc.step_launch(V, b, device, hard)
+            return f"fused step BLOCK={s.block} warps={s.num_warps} programs={s.programs} stages={s.stages}"
         r = lc.rows_launch(N, V, device)
         if r is not None:
             fwd = "; the forward one row per program" if lc.rows_launch(N, V, device, hard_forward=hard) is None \
@@ -515,7 +515,7 @@ def _launch_note(N: int, V: int, b: int, device: torch.device, method: str, hard
             return f"row tiles: {r.rows} rows x BLOCK={r.block} per program, warps={r.num_warps}{fwd}"
         f = lc.forward_launch(N, V, b, device)
         g = lc.backward_launch(N, V, b, device)
-        return (f"fwd BLOCK={f.block} warps={f.num_warps} split={f.split}; "
+        return (f"fwd BLOCK={f.block} warps={f.num_warps} split={f.split} stages={f.stages}; "
                 f"bwd BLOCK={g.block} warps={g.num_warps} parts={g.split}")
     except Exception as e:  # informational only
         return f"launch config unavailable: {type(e).__name__}"

@@ -141,15 +141,17 @@ def test_very_negative_finite_rows(backend, device, split, monkeypatch):
           F.cross_entropy(x64, torch.tensor([1], device=device)), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("split", [1, 3])
-def test_statistics_merged_across_slices(backend, device, split, monkeypatch):
+def test_statistics_merged_across_slices(backend, device, split, stages, monkeypatch):
     """The forward keeps its statistics per slice of a block and merges them after the loop
     (kernels/xent_forward.combine_parts): slices wholly -inf, slices far below the row's max, label mass
     only on a few finite columns, and one -inf logit under a label deep in the row, across many blocks
-    and split parts."""
+    and split parts; with the loads pipelined (STAGES 3) or not."""
     from xent_triton import launch_config
 
     monkeypatch.setattr(launch_config, "FORCE_SPLIT", split)
+    monkeypatch.setattr(launch_config, "FORCE_TILE", (512, 4, stages))
     V = 5000
     x = rand_logits((5, V), torch.float32, device, requires_grad=False)
     cols = torch.arange(V, device=device)

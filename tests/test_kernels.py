@@ -40,11 +40,12 @@ SCRIPT = textwrap.dedent(r'''
         return len(k.asm["cubin"]), *resources(k.asm["cubin"]), *vectors(k.asm["ptx"])
 
     def vectors(ptx):
-        """Vector (.v2/.v4) global loads and stores in the PTX."""
+        """Vector (.v2/.v4) global loads and stores, and 16-byte asynchronous copies, in the PTX."""
         import re
         ld = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v[24]\.", ptx))
         st = len(re.findall(r"st\.global(?:\.[\w:]+)*\.v[24]\.", ptx))
-        return ld, st
+        cp = len(re.findall(r"cp\.async\.cg\.shared\.global(?:\.[\w:]+)* \[[^]]*\], \[[^]]*\], 0x10", ptx))
+        return ld, st, cp
 
     def resources(cubin):
         """(local memory bytes, registers) per thread from cuobjdump; (None, None) where it is unavailable."""
@@ -68,17 +69,17 @@ SCRIPT = textwrap.dedent(r'''
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
               "step": xent_step_kernel, "rows_fwd": xent_rows_forward_kernel,
               "rows_bwd": xent_rows_backward_kernel}[kind]
-        size, local, regs, vld, vst = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
+        size, local, regs, vld, vst, cp = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
         print("compiled", kind, size, "regs", regs, "max", case.get("max_regs"), "vld", vld, "vst", vst,
-              "local", local, flush=True)
+              "stages", consts.get("STAGES"), "cp", cp, "local", local, flush=True)
 ''')
 
 
-def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32"):
+def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32", stages=1):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W=f"*{x}", LOSS=f"*{x}", LSE=f"*{acc}", QSUM=f"*{acc}",
                 PART=f"*{acc}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, SPLIT=split,
-                  Y_ALIGNED=x == y, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc)
+                  Y_ALIGNED=x == y, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc, STAGES=stages)
     return dict(kind="fwd", ptrs=ptrs, consts=consts, warps=warps, ints=ints)
 
 
@@ -96,11 +97,11 @@ def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, div
     return dict(kind="bwd", ptrs=ptrs, consts=consts, warps=warps)
 
 
-def _step(x, y, acc, hard, extras, block=4096, warps=16):
+def _step(x, y, acc, hard, extras, block=4096, warps=16, stages=1):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", WROTE="*i32",
                 LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}", DX=f"*{x}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, Y_ALIGNED=x == y,
-                  DX_ALIGNED=True, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc)
+                  DX_ALIGNED=True, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc, STAGES=stages)
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
@@ -148,6 +149,13 @@ CASES = {
                                            max_regs=255)],
     "fused_step_soft_all_features": [_step("bf16", "fp32", "fp32", False, True, block=2048)],
     "fused_step_hard_all_features_fp64": [_step("fp64", "fp64", "fp64", True, True, block=512, warps=4)],
+    # Pipelined loads (STAGES, perf/NOTES.md P17): the fused step's default tile and the tuner's forward
+    # candidates. Registers at 3 stages (Triton 3.9 / 3.6): step hard 2048/8 69 / 99, soft 98 / 128.
+    "pipelined_fused_step": [_step("bf16", "bf16", "fp32", True, False, block=2048, warps=8, stages=3),
+                             _step("bf16", "bf16", "fp32", False, False, block=2048, warps=8, stages=3)],
+    "pipelined_forward": [_fwd("bf16", "bf16", "fp32", False, False, block=1024, warps=4, stages=3),
+                          _fwd("bf16", "bf16", "fp32", True, True, block=2048, warps=8, stages=4),
+                          _fwd("fp32", "fp32", "fp32", False, True, block=1024, warps=8, stages=3)],
 }
 
 
@@ -183,7 +191,12 @@ def test_kernel_compiles_for_sm90(name):
         # loops still load, and the backward and the fused step still store, whole blocks as vectors
         # (kernels/row_math.aligned_run).
         kind, vld, vst = words[1], int(words[words.index("vld") + 1]), int(words[words.index("vst") + 1])
+        # STAGES > 1: the whole blocks' loads are 16-byte asynchronous copies into shared memory (the
+        # software pipeline) instead of vector loads into registers; STAGES 1: none.
+        stages, cp = words[words.index("stages") + 1], int(words[words.index("cp") + 1])
+        pipelined = stages not in ("None", "1")
+        assert (cp > 0) == pipelined, line
         if kind in ("fwd", "bwd", "step"):
-            assert vld > 0, line
+            assert vld > 0 or pipelined, line
         if kind in ("bwd", "step"):
             assert vst > 0, line

@@ -20,7 +20,9 @@ def tiles_file(tmp_path, monkeypatch):
 
 def test_heuristic_without_table(tiles_file):
     f = lc.forward_launch(4096, 128256, 2, CPU)
-    assert (f.block, f.num_warps, f.split) == (2048, 16, 1)
+    assert (f.block, f.num_warps, f.split, f.stages) == (2048, 16, 1, 1)
+    step = lc.step_launch(128256, 2, CPU)
+    assert (step.block, step.num_warps, step.stages) == (2048, 8, lc._STEP_STAGES)
     f = lc.forward_launch(4096, 128256, 4, CPU)
     assert (f.block, f.num_warps) == (1024, 8)
     small = lc.forward_launch(4096, 10, 2, CPU)
@@ -37,6 +39,36 @@ def test_measured_table_is_used(tiles_file):
     assert lc.forward_launch(4096, 128256, 4, CPU).block == 1024  # fp32 not in the table: heuristic
     # A block never exceeds the row's next power of two.
     assert lc.forward_launch(4096, 1000, 2, CPU).block == 1024
+    # Rows written before stages were tuned: no pipelining.
+    assert lc.forward_launch(4096, 32000, 2, CPU).stages == 1
+
+
+def test_stages_from_the_table(tiles_file):
+    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
+        "forward": {"2": [[40000, 1024, 4, 3], [300000, 2048, 8]]},
+        "step_hard": {"2": [[32000, 4096, 16, 1, 4], [128256, 2048, 8, 2], [256000, 0, 0, 0, 0]]}}}))
+    assert lc.forward_launch(4096, 32000, 2, CPU).stages == 3
+    assert lc.forward_launch(4096, 128256, 2, CPU).stages == 1
+    s = lc.step_launch(32000, 2, CPU)
+    assert (s.block, s.num_warps, s.programs, s.stages) == (4096, 16, lc._sm_count("cpu", None), 4)
+    s = lc.step_launch(128256, 2, CPU)  # a step row without stages was measured without pipelining
+    assert (s.block, s.num_warps, s.stages) == (2048, 8, 1)
+    # The two kernels won at 256000 (programs_per_sm 0): auto never takes the fused step there, and a
+    # forced one gets the heuristic tile.
+    assert not lc.use_fused_step(10**6, 256000, 2, torch.device("cuda", 0))
+    assert lc.step_launch(256000, 2, CPU).stages == lc._STEP_STAGES
+
+
+def test_forced_tiles(monkeypatch, tiles_file):
+    monkeypatch.setattr(lc, "FORCE_TILE", (512, 2))
+    assert (lc.forward_launch(4096, 32000, 2, CPU).block, lc.forward_launch(4096, 32000, 2, CPU).stages) == (512, 1)
+    monkeypatch.setattr(lc, "FORCE_TILE", (512, 2, 3))
+    assert lc.forward_launch(4096, 32000, 2, CPU).stages == 3
+    monkeypatch.setattr(lc, "FORCE_STEP", (1024, 4, 1))
+    assert lc.step_launch(32000, 2, CPU).stages == lc._STEP_STAGES
+    monkeypatch.setattr(lc, "FORCE_STEP", (1024, 4, 1, 2))
+    s = lc.step_launch(32000, 2, CPU)
+    assert (s.block, s.num_warps, s.stages) == (1024, 4, 2)
 
 
 @pytest.mark.parametrize("n_rows,n_cols", [(1, 128256), (3, 9000), (64, 256000), (4096, 256000)])

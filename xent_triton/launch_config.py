@@ -7,7 +7,7 @@ forward ran at 91-100% of copy bandwidth with 1024-2048 element blocks and 8-16
 warps, and at 4% with 16384/4 (register spills).
 
 A measured table overrides that heuristic: ``perf/tune_tiles.py`` times every
-(BLOCK, num_warps) candidate on a GPU and writes ``tiles.json`` beside this
+(BLOCK, num_warps, stages) candidate on a GPU and writes ``tiles.json`` beside this
 file, which is then read once, at the first launch.
 """
 import functools
@@ -26,12 +26,16 @@ _MAX_SPLIT = 64
 _INTERPRETER_SMS = 4
 
 FORCE_SPLIT = None  # tests only: force the forward split factor
-FORCE_TILE = None  # perf/tune_tiles.py only: (block, num_warps) for every launch
-FORCE_STEP = None  # perf/tune_tiles.py only: (block, num_warps, programs_per_sm) of the fused step
+FORCE_TILE = None  # perf/tune_tiles.py only: (block, num_warps[, stages]) for every launch
+FORCE_STEP = None  # perf/tune_tiles.py only: (block, num_warps, programs_per_sm[, stages]) of the fused step
 FORCE_ROWS = None  # tests only: rows per program of the short-row kernels (1: never use them; "max": cap only)
 FUSED_STEP_ENV = "XENT_TRITON_FUSED_STEP"
 # Persistent programs per SM of the fused step: few, so that programs x row bytes fit in L2.
 _STEP_PROGRAMS_PER_SM = 2
+# Pipeline depth of the fused step's loads. With one block in flight per program, its 2 programs per SM
+# kept ~8 KB per SM in flight (bf16 2048/8), where HBM needs ~20 KB per SM to cover its latency
+# (Little's law, perf/NOTES.md P17): it measured 47% of copy on an H100. 3 stages: 2 blocks ahead.
+_STEP_STAGES = 3
 TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
 
 
@@ -59,6 +63,7 @@ class Launch:
     num_warps: int
     split: int  # programs per row
     cols_per_prog: int
+    stages: int = 1  # pipeline depth of the forward's loads (kernels/xent_forward._row_partial); 1: none
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,9 +75,10 @@ def _sm_count(device_type: str, index) -> int:
 
 @functools.lru_cache(maxsize=None)
 def measured_tiles():
-    """The tuned table, {pass: {itemsize: [[max_cols, block, num_warps], ...]}}, or {}.
+    """The tuned table, {pass: {itemsize: [[max_cols, block, num_warps(, stages)], ...]}}, or {}.
 
-    Rows are sorted by max_cols; a problem uses the first row whose max_cols >= V.
+    Rows are sorted by max_cols; a problem uses the first row whose max_cols >= V. A row without
+    stages (tables written before they were tuned) means 1.
     """
     if not os.path.isfile(TILES_FILE):
         return {}
@@ -82,20 +88,21 @@ def measured_tiles():
 
 
 def _tile(pass_name: str, n_cols: int, itemsize: int):
-    """(BLOCK, num_warps): forced, measured, or the anchors' heuristic."""
+    """(BLOCK, num_warps, stages): forced, measured, or the anchors' heuristic (no pipelining)."""
     if FORCE_TILE is not None:
-        return FORCE_TILE
+        return (*FORCE_TILE, 1)[:3]
     p2 = next_pow2(max(n_cols, 1))
-    for max_cols, block, warps in measured_tiles().get(pass_name, {}).get(itemsize, []):
+    for max_cols, block, warps, *stages in measured_tiles().get(pass_name, {}).get(itemsize, []):
         if n_cols <= max_cols:
-            return min(block, p2), warps if block <= p2 else max(1, min(warps, p2 // 128))
+            warps = warps if block <= p2 else max(1, min(warps, p2 // 128))
+            return min(block, p2), warps, (stages or [1])[0]
     cap = {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512)
     block = min(p2, cap)
-    return block, max(1, min(16, block // 128))
+    return block, max(1, min(16, block // 128)), 1
 
 
 def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
-    block, num_warps = _tile(pass_name, n_cols, itemsize)
+    block, num_warps, stages = _tile(pass_name, n_cols, itemsize)
     if split is None:
         want = _PROGRAMS_PER_SM * _sm_count(device.type, device.index)
         split = 1
@@ -104,7 +111,7 @@ def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
             # statistics cost a write, a read and a second launch.
             split = max(1, min(cdiv(want, max(n_rows, 1)), cdiv(n_cols, 4 * block), _MAX_SPLIT))
     cols = cdiv(cdiv(n_cols, split), block) * block
-    return Launch(block=block, num_warps=num_warps, split=cdiv(n_cols, cols), cols_per_prog=cols)
+    return Launch(block=block, num_warps=num_warps, split=cdiv(n_cols, cols), cols_per_prog=cols, stages=stages)
 
 
 # Short rows (kernels/xent_rows.py): V up to this many classes is loaded as whole rows, ROWS at a time,
@@ -165,6 +172,7 @@ class StepLaunch:
     block: int
     num_warps: int
     programs: int  # persistent grid size
+    stages: int = _STEP_STAGES  # pipeline depth of both walks' loads
 
 
 def fused_step_mode() -> str:
@@ -176,7 +184,7 @@ def fused_step_mode() -> str:
 
 
 def _measured_step(n_cols, itemsize, hard: bool):
-    """[block, num_warps, programs_per_sm] of the tiles.json step row for n_cols, or None.
+    """[block, num_warps, programs_per_sm(, stages)] of the tiles.json step row for n_cols, or None.
 
     Rows live under "step_hard" / "step_soft". Unlike the forward/backward tiles, a step row covers
     the class counts from the previous measured V up to its own V, never above: the fused step's
@@ -193,18 +201,21 @@ def step_launch(n_cols, itemsize, device, hard: bool = True) -> StepLaunch:
     """Launch of the fused step (kernels/xent_step.py): forced, measured, or a heuristic."""
     p2 = next_pow2(max(n_cols, 1))
     measured = _measured_step(n_cols, itemsize, hard)
+    stages = [_STEP_STAGES]
     if FORCE_STEP is not None:
-        block, warps, per_sm = FORCE_STEP
+        block, warps, per_sm, *stages = (*FORCE_STEP, *stages)
     elif measured is not None and measured[2] > 0:
-        block, warps, per_sm = measured
+        # A row measured before stages were tuned ran without pipelining.
+        block, warps, per_sm, *stages = (*measured, 1)
     else:
-        # 8 elements per thread: the bf16 2048/8-warp variant needs 64 registers (sm_90 cubin), so the
-        # programs of _STEP_PROGRAMS_PER_SM can be resident together; 16 elements per thread take 125-144.
+        # 8 elements per thread: the bf16 2048/8-warp variant with 3 stages needs 69-99 registers (sm_90
+        # cubin, Triton 3.9-3.6; 128 with soft labels), so the programs of _STEP_PROGRAMS_PER_SM can be
+        # resident together; 16 elements per thread take 125-179.
         block = min(p2, {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512))
         warps, per_sm = max(1, min(16, block // 256)), _STEP_PROGRAMS_PER_SM
     block = min(block, p2)
     return StepLaunch(block=block, num_warps=max(1, min(warps, block // 32)),
-                      programs=per_sm * _sm_count(device.type, device.index))
+                      programs=per_sm * _sm_count(device.type, device.index), stages=stages[0])
 
 
 def use_fused_step(n_rows, n_cols, itemsize, device, hard: bool = True) -> bool:

@@ -111,7 +111,7 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     xent_forward_kernel[(n, cfg.split)](
         *inputs, loss, lse, qsum, part, *_row_geometry(rows), cfg.cols_per_prog, *options,
         SPLIT=cfg.split, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides), BLOCK=cfg.block,
-        EPT=launch_config.slice_width(cfg.block, cfg.num_warps, rows.logits.element_size()),
+        EPT=launch_config.slice_width(cfg.block, cfg.num_warps, rows.logits.element_size()), STAGES=cfg.stages,
         num_warps=cfg.num_warps, **flags,
     )
     if cfg.split > 1:
@@ -167,7 +167,7 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
         *_options(ignore_index, smoothing, z_scale, softcap),
         HAS_Z=z_scale != 0.0, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides),
         DX_ALIGNED=_aligned_like(rows, dx_buf, _contiguous_strides(rows)), BLOCK=cfg.block,
-        EPT=launch_config.slice_width(cfg.block, cfg.num_warps, rows.logits.element_size()),
+        EPT=launch_config.slice_width(cfg.block, cfg.num_warps, rows.logits.element_size()), STAGES=cfg.stages,
         num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
     return loss, lse, qsum, wrote
