@@ -18,6 +18,12 @@ Without CUDA (``--stubbed``, the default there) it times the package's own host 
 Triton backend's host code on CPU tensors with every kernel launch replaced by a recorder, so neither
 Triton's launcher nor any kernel runs, and counts the torch ops and launches of one step. That part
 of the host time, and its op count, can be compared before and after a change on any machine.
+
+``--stubbed-driver`` keeps Triton's own launch path in it: the kernels are compiled for sm_90 (no GPU
+needed) and every launch goes through ``JITFunction.run`` (argument binding, specialization, the cache
+lookup); only the CUDA driver is a stand-in (module loading and the C launcher do nothing). The
+difference from ``--stubbed`` is the Python cost of Triton's launches, which fewer or smaller launches
+would save.
 """
 import argparse
 import cProfile
@@ -54,16 +60,64 @@ _VIEW_OPS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "ex
              "alias", "select", "empty", "empty_strided", "new_empty", "t", "squeeze", "unsqueeze"}
 
 
-def stubbed(out_dir, reps=200):
+def _install_fake_cuda_driver(launches):
+    """Make Triton's launch path run without a GPU: compile for sm_90, load nothing, launch nothing.
+
+    Only the pieces of Triton's driver interface that JITFunction.run and CompiledKernel touch are
+    provided; a Triton that needs more fails here with an AttributeError, not with a wrong number."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return object(), object(), 0, 0, 1024  # module, function, registers, spills, max threads
+
+        def unload_module(self, module):
+            pass
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+    class FakeCudaDriver:
+        utils = Utils()
+
+        def is_active(self):
+            return True
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def launcher_cls(self, src, metadata):
+            # The C launcher's arguments: grid (3), stream, function, packed metadata, launch metadata,
+            # two hooks, then the kernel's arguments.
+            return lambda *args: launches.append((src.fn.__name__, len(args) - 9))
+
+    driver.set_active(FakeCudaDriver())
+
+
+def stubbed(out_dir, reps=200, driver=False):
     """The package's host work per call, kernels stubbed out (see the module docstring)."""
-    os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend accepts CPU tensors; nothing is interpreted
     os.environ["XENT_TRITON_BACKEND"] = "triton"
+    launches = []
+    if driver:
+        # The kernels must be JITFunctions (decided when they are defined): import them with the
+        # interpreter off, then turn it on so that the backend accepts CPU tensors.
+        os.environ.pop("TRITON_INTERPRET", None)
+        _install_fake_cuda_driver(launches)
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend accepts CPU tensors; nothing is interpreted
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import xent_triton
     from xent_triton import ops, triton_backend
 
-    launches = []
+    os.environ["TRITON_INTERPRET"] = "1"
 
     class Stub:
         def __init__(self, name):
@@ -72,9 +126,10 @@ def stubbed(out_dir, reps=200):
         def __getitem__(self, grid):
             return lambda *a, **k: launches.append((self.name, len(a) + len(k)))
 
-    for name in dir(triton_backend):
-        if name.endswith("_kernel"):
-            setattr(triton_backend, name, Stub(name))
+    if not driver:
+        for name in dir(triton_backend):
+            if name.endswith("_kernel"):
+                setattr(triton_backend, name, Stub(name))
     torch.set_num_threads(1)
 
     def best_us(fn):
@@ -101,7 +156,12 @@ def stubbed(out_dir, reps=200):
             return func(*args, **(kwargs or {}))
 
     rows = []
-    print(f"host_overhead --stubbed: CPU, torch {torch.__version__}; kernel launches stubbed, 1 thread")
+    import triton
+
+    what = ("Triton's launch path with a stand-in CUDA driver (kernels compiled for sm_90)" if driver
+            else "kernel launches stubbed")
+    print(f"host_overhead --stubbed{'-driver' if driver else ''}: CPU, torch {torch.__version__}, "
+          f"triton {triton.__version__}; {what}, 1 thread")
     for n, v in ((1, 128256), (256, 32000)):  # one split row and its combine; whole rows
         x = torch.randn(n, v, dtype=torch.bfloat16, requires_grad=True)
         targets = {"hard": torch.randint(0, v, (n,)), "soft": torch.rand(n, v).to(torch.bfloat16)}
@@ -131,8 +191,9 @@ def stubbed(out_dir, reps=200):
                 print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {us:7.1f} us  {len(mode.names)} torch ops "
                       f"({row['ops']}; {mode.calls} dispatcher calls with views and allocations), "
                       f"{len(launches)} launches of {row['launch_args']} args")
-    write_csv(out_dir, "host_stubbed.csv", rows)
-    print(f"wrote {out_dir}/host_stubbed.csv")
+    name = "host_stubbed_driver.csv" if driver else "host_stubbed.csv"
+    write_csv(out_dir, name, rows)
+    print(f"wrote {out_dir}/{name}")
     return 0
 
 
@@ -140,7 +201,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
     ap.add_argument("--stubbed", action="store_true", help="time the package's host work with kernels stubbed out")
+    ap.add_argument("--stubbed-driver", action="store_true",
+                    help="the same with Triton's launch path included: only the CUDA driver is stubbed")
     args = ap.parse_args(argv)
+    if args.stubbed_driver:
+        return stubbed(args.out, driver=True)
     if args.stubbed or not torch.cuda.is_available():
         if not args.stubbed:
             print("host_overhead: no CUDA GPU; timing the host work with the kernels stubbed out instead")
