@@ -14,18 +14,20 @@
 #                                       # (~2-3 min) whose tiles.json this run then uses, and the quick sweep
 #   bash perf/gpu_check.sh --ab --host --no-sweep   # also perf/loop_ab.py (~1-2 min): the forward's row loop
 #                                       # before and after perf/NOTES.md P16, and pipelined (P17), in one run
-#                                       # (writes loop_ab.csv)
+#                                       # (writes loop_ab.csv), and perf/split_probe.py (~30 s): the few-row
+#                                       # forward split or one pipelined program per row (P18, split_probe.csv)
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),
 #   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
 #   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220),
-#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), AB_TIMEOUT_S (200), TUNE_TIMEOUT_S (520; 240 with --tune-quick).
+#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), AB_TIMEOUT_S (200), SPLIT_TIMEOUT_S (90),
+#   TUNE_TIMEOUT_S (520; 240 with --tune-quick).
 # Writes into $OUT: pytest.log, sweep.log, and from the sweep sweep.csv, sweep.md, log.txt, pct_of_copy.png,
 # speedup_vs_compile.png (and the other stages' files). The device tool returns at most 8 files: past 8,
 # everything is packed into $OUT/bundle.tar.gz and only the summaries stay beside it.
 # Exit status: 0 all good; bit 1 set when the tests failed (or found none, or timed out); bit 2 set when the
-# sweep, linear_bench, host_overhead, loop_ab or the quick tuning failed, or the sweep had a FAIL/ERROR row. The sweep
+# sweep, linear_bench, host_overhead, loop_ab, split_probe or the quick tuning failed, or the sweep had a FAIL/ERROR row. The sweep
 # runs even when the tests fail.
 set -uo pipefail
 
@@ -46,7 +48,7 @@ for a in "$@"; do
     --rows) ROWS=1 ;;
     --ab) AB=1 ;;
     --tune-quick) TUNE_QUICK=1 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -151,10 +153,13 @@ stage() {
 }
 
 # (c') host time of small problems; device time of the short-row kernels
-HOST_RC=-1; ROWS_RC=-1; AB_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1
+HOST_RC=-1; ROWS_RC=-1; AB_RC=-1; SPLIT_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1
 if [ "$HOST" = 1 ]; then stage host.log "${HOST_TIMEOUT_S:-120}" perf.host_overhead --out "$OUT"; HOST_RC=$STAGE_RC; fi
 if [ "$ROWS" = 1 ]; then stage rows_probe.log "${ROWS_TIMEOUT_S:-90}" perf.rows_probe --out "$OUT"; ROWS_RC=$STAGE_RC; fi
-if [ "$AB" = 1 ]; then stage loop_ab.log "${AB_TIMEOUT_S:-200}" perf.loop_ab --out "$OUT"; AB_RC=$STAGE_RC; fi
+if [ "$AB" = 1 ]; then
+  stage loop_ab.log "${AB_TIMEOUT_S:-200}" perf.loop_ab --out "$OUT"; AB_RC=$STAGE_RC
+  stage split_probe.log "${SPLIT_TIMEOUT_S:-90}" perf.split_probe --out "$OUT"; SPLIT_RC=$STAGE_RC
+fi
 
 # (c'') quick tile tuning, whose table this run's sweep then uses
 if [ "$TUNE_QUICK" = 1 ]; then
@@ -193,7 +198,7 @@ fi
 [ "$LINEAR" = 1 ] && echo "linear_bench: rc $LINEAR_RC"
 [ "$HOST" = 1 ] && echo "host_overhead: rc $HOST_RC"
 [ "$ROWS" = 1 ] && echo "rows_probe: rc $ROWS_RC"
-[ "$AB" = 1 ] && echo "loop_ab: rc $AB_RC"
+[ "$AB" = 1 ] && echo "loop_ab: rc $AB_RC; split_probe: rc $SPLIT_RC"
 [ "$TUNE_QUICK" = 1 ] && echo "tune --quick: rc $TUNEQ_RC"
 if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
   # The device tool returns 8 files at most: pack them all, keep the summaries readable beside the pack.
@@ -215,6 +220,6 @@ if [ "$RUN_SWEEP" = 1 ] && [ "$SWEEP_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$LINEAR" = 1 ] && [ "$LINEAR_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$HOST" = 1 ] && [ "$HOST_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$ROWS" = 1 ] && [ "$ROWS_RC" != 0 ]; then RC=$((RC | 2)); fi
-if [ "$AB" = 1 ] && [ "$AB_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$AB" = 1 ] && { [ "$AB_RC" != 0 ] || [ "$SPLIT_RC" != 0 ]; }; then RC=$((RC | 2)); fi
 if [ "$TUNE_QUICK" = 1 ] && [ "$TUNEQ_RC" != 0 ]; then RC=$((RC | 2)); fi
 exit "$RC"
