@@ -1,7 +1,7 @@
 """Measure the (BLOCK, num_warps, stages) tile of each kernel pass on this GPU and write tiles.json.
 
     python -m perf.tune_tiles --out $OUT            # ~3-5 min on an H100: 2 dtypes x 4 V x (18 + 9 tiles
-                                                    # + 19 steps); tiles.json is rewritten after every V
+                                                    # + 1 + 12 steps); tiles.json is rewritten after every V
     python -m perf.tune_tiles --quick --out $OUT    # bf16 only, 2 V
 
 For each element size (bf16, fp32), class count V and pass (forward of the soft loss, backward of the soft
@@ -31,10 +31,13 @@ import torch
 CANDIDATES = [(b, w) for b in (1024, 2048, 4096) for w in (4, 8, 16)]
 # The forward's candidates also try pipelined loads (kernels/xent_forward._row_partial, STAGES).
 FORWARD_CANDIDATES = [(b, w, s) for b, w in CANDIDATES for s in (1, 3)]
-# Fused step (kernels/xent_step.py): (BLOCK, num_warps, persistent programs per SM, stages). Blocks of
-# 4096 and 8192 at 8 warps need 160-200 registers (one program per SM); 16 warps keep 83-125.
-STEP_CANDIDATES = [(b, w, p, s) for b, w in ((2048, 8), (4096, 16), (8192, 16)) for p in (1, 2, 4)
-                   for s in (1, 3)]
+# Fused step (kernels/xent_step.py): (BLOCK, num_warps, persistent programs per SM, stages). Registers
+# (sm_90, bf16, 3-4 stages, Triton 3.9 / 3.6): 2048/8 69-98 / 99-128, 4096/16 98 / 99, 8192/16 83 / 125,
+# so 2048/8 fits two programs per SM and the others one (a persistent program that is not resident
+# waits for a whole program's rows). 4096 and 8192 at 8 warps need 160-200: left out.
+STEP_CANDIDATES = ([(2048, 8, p, s) for p in (1, 2) for s in (1, 3, 4)]
+                   + [(4096, 16, 1, s) for s in (1, 3, 4)]
+                   + [(8192, 16, 1, s) for s in (1, 3, 4)])
 V_POINTS = (128256, 32000, 256000, 4096)  # most important first: a run cut short keeps them
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_BYTES = 512 * 2**20
