@@ -66,6 +66,7 @@ def main(argv=None):
     graph_failures = []
 
     def do_bench(fn):
+        fn()  # compile (or fail to) outside the capture: only a failed capture falls back below
         try:
             return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
         except Exception as e:  # a capture that fails: time it with the host in the loop, and say so

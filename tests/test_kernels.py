@@ -151,8 +151,11 @@ CASES = {
     "fused_step_hard_all_features_fp64": [_step("fp64", "fp64", "fp64", True, True, block=512, warps=4)],
     # Pipelined loads (STAGES, perf/NOTES.md P17): the fused step's default tile and the tuner's forward
     # candidates. Registers at 3 stages (Triton 3.9 / 3.6): step hard 2048/8 69 / 99, soft 98 / 128.
-    "pipelined_fused_step": [_step("bf16", "bf16", "fp32", True, False, block=2048, warps=8, stages=3),
-                             _step("bf16", "bf16", "fp32", False, False, block=2048, warps=8, stages=3)],
+    # 128 at most: the heuristic's two 256-thread programs per SM share its 65536 registers.
+    "pipelined_fused_step": [dict(_step("bf16", "bf16", "fp32", True, False, block=2048, warps=8, stages=3),
+                                  max_regs=128),
+                             dict(_step("bf16", "bf16", "fp32", False, False, block=2048, warps=8, stages=3),
+                                  max_regs=128)],
     "pipelined_forward": [_fwd("bf16", "bf16", "fp32", False, False, block=1024, warps=4, stages=3),
                           _fwd("bf16", "bf16", "fp32", True, True, block=2048, warps=8, stages=4),
                           _fwd("fp32", "fp32", "fp32", False, True, block=1024, warps=8, stages=3)],
