@@ -1,4 +1,5 @@
-"""Small helpers the probes share (perf/rows_probe.py, perf/loop_ab.py, perf/host_overhead.py)."""
+"""Small helpers the probes share (perf/rows_probe.py, perf/loop_ab.py, perf/split_probe.py,
+perf/host_overhead.py)."""
 import csv
 import os
 
@@ -24,3 +25,23 @@ def graph_copy_gbps(device) -> float:
     src = torch.empty(2**28, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 2 / triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)) / 1e6
+
+
+def forward_error(loss, x, y, t, rows: int = 64) -> float:
+    """Largest relative error (against max(|ref|, 1)) of the first ``rows`` per-row losses against float64
+    torch: soft labels ``y``, or class indices ``t`` where ``y`` is None."""
+    xd = x[:rows].double()
+    if y is None:
+        ref = torch.nn.functional.cross_entropy(xd, t[:rows], reduction="none")
+    else:
+        ref = -(y[:rows].double() * torch.log_softmax(xd, -1)).sum(-1)
+    return ((loss[:rows].double() - ref).abs() / ref.abs().clamp_min(1)).max().item()
+
+
+def probe_device():
+    """(cuda, device) for a probe: the GPU if there is one; otherwise the CPU with the Triton interpreter
+    turned on, which must happen before the kernels are first imported (triton.jit decides then)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return cuda, torch.device("cuda" if cuda else "cpu")
