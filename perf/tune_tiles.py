@@ -1,7 +1,8 @@
 """Measure the (BLOCK, num_warps, stages) tile of each kernel pass on this GPU and write tiles.json.
 
     python -m perf.tune_tiles --out $OUT            # ~3-5 min on an H100: 2 dtypes x 4 V x (18 + 9 tiles
-                                                    # + 1 + 12 steps); tiles.json is rewritten after every V
+                                                    # + 1 + 12 steps + 4 x 5 few-row forwards); tiles.json
+                                                    # is rewritten after every V
     python -m perf.tune_tiles --quick --out $OUT    # bf16 only, 2 V
 
 For each element size (bf16, fp32), class count V and pass (forward of the soft loss, backward of the soft
@@ -17,11 +18,15 @@ are also printed as % of the copy bandwidth measured in the same run, on the byt
 ../shared/ANCHORS.md (forward 2NVb, backward 3NVb, hard-label step 2NVb). A "step_hard" row records the
 best fused tile where the fused step beat the two kernels, and programs_per_sm 0 where it did not: with
 XENT_TRITON_FUSED_STEP=auto (the default) the fused step runs only where it won, for class indices (soft
-labels are not measured here, so they keep the two kernels).
+labels are not measured here, so they keep the two kernels). A "forward_few" row records, per V, up to
+how many rows (of FEW_ROWS, all below the split rule's 2 x SMs) one pipelined program per row kept up
+with the split and its combine launch on the device, and with which tile (few_rows_row; perf/NOTES.md
+P18); the forward then skips the split there.
 """
 import argparse
 import copy as copy_module
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -38,6 +43,15 @@ FORWARD_CANDIDATES = [(b, w, s) for b, w in CANDIDATES for s in (1, 3)]
 STEP_CANDIDATES = ([(2048, 8, p, s) for p in (1, 2) for s in (1, 3, 4)]
                    + [(4096, 16, 1, s) for s in (1, 3, 4)]
                    + [(8192, 16, 1, s) for s in (1, 3, 4)])
+# Few rows (perf/NOTES.md P18): the row counts below 2 x SMs (264 on an H100/H200), where the split rule
+# splits each row and adds a combine launch, are timed with that rule and with one pipelined program per
+# row (each candidate a (BLOCK, num_warps, stages) tile). A candidate may be FEW_SLACK_US slower on the
+# device than the split and still win: it saves the combine launch's 15-50 us of host time. Inputs are
+# replayed from copies adding up to FEW_ROTATE_BYTES, so that they come from HBM, not from L2.
+FEW_ROWS = (1, 16, 64, 192)
+FEW_CANDIDATES = [(2048, 8, 3), (4096, 16, 3), (4096, 16, 4), (8192, 16, 3)]
+FEW_SLACK_US = 2.0
+FEW_ROTATE_BYTES = 256 * 2**20
 V_POINTS = (128256, 32000, 256000, 4096)  # most important first: a run cut short keeps them
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_BYTES = 512 * 2**20
@@ -48,6 +62,57 @@ def copy_gbps(do_bench):
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def few_rows_row(dtype, V, do_bench, baseline_tiles, device="cuda", rows=FEW_ROWS, candidates=FEW_CANDIDATES,
+                 rotate_bytes=FEW_ROTATE_BYTES):
+    """The soft forward at few rows: the split rule (with the tiles ``baseline_tiles()`` returns) against
+    one program per row with each candidate tile, every call timed by ``do_bench`` (ms). Returns the
+    "forward_few" row [V, max_rows, block, num_warps, stages] of the candidate that kept up (within
+    FEW_SLACK_US) at the most row counts, max_rows being the largest count up to which it never fell behind
+    (0: the split won already at the fewest rows), and the log lines."""
+    import xent_triton
+    from xent_triton import launch_config as lc
+
+    kept = {cand: 0 for cand in candidates}  # the largest N up to which the candidate kept up
+    total = {cand: 0.0 for cand in candidates}
+    log = []
+    installed = lc.measured_tiles
+    lc.measured_tiles = baseline_tiles
+    try:
+        for i, N in enumerate(rows):
+            x = torch.randn(N, V, device=device, dtype=dtype) * 2
+            y = torch.softmax(torch.randn(N, V, device=device), -1).to(dtype)
+            copies = [(x.clone(), y.clone()) for _ in range(max(1, rotate_bytes // (2 * x.numel() * x.element_size())))]
+            turn = itertools.cycle(copies)
+
+            def fwd():
+                xi, yi = next(turn)
+                return xent_triton.softmax_cross_entropy_with_logits(yi, xi)
+
+            with torch.no_grad():
+                split_us = do_bench(fwd) * 1e3
+                times = []
+                for cand in candidates:
+                    lc.FORCE_SPLIT, lc.FORCE_TILE = 1, cand
+                    try:
+                        us = do_bench(fwd) * 1e3
+                    except Exception as e:  # a tile that does not compile or runs out of resources
+                        log.append(f"N={N} one program per row {cand}: {type(e).__name__}: {e}")
+                        us = float("inf")
+                    finally:
+                        lc.FORCE_SPLIT = lc.FORCE_TILE = None
+                    if us <= split_us + FEW_SLACK_US and kept[cand] == (rows[i - 1] if i else 0):
+                        kept[cand] = N
+                    total[cand] += us
+                    times.append(f"{cand} {us:.1f}")
+            log.append(f"N={N:>4} few rows: split {split_us:.1f} us; one program per row: " + ", ".join(times))
+            del x, y, copies
+    finally:
+        lc.measured_tiles = installed
+    best = max(candidates, key=lambda c: (kept[c], -total[c]))
+    log.append(f"few rows: {best} up to {kept[best]} rows (0: the split stays)")
+    return [V, kept[best], *best], log
 
 
 def main(argv=None):
@@ -81,12 +146,23 @@ def main(argv=None):
     copy = copy_gbps(do_bench)  # graph-replayed too
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {copy:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    table = {"forward": {}, "backward": {}, "step_hard": {}}
+    table = {"forward": {}, "backward": {}, "step_hard": {}, "forward_few": {}}
     lines = ["| dtype | V | pass | best tile | ms | % of copy | worst tile | worst % |", "|---|---|---|---|---|---|---|---|"]
     def current_tiles():
         """The forward/backward rows measured so far, in launch_config.measured_tiles' form."""
         return {p: {int(k): sorted(v) for k, v in by_size.items()} for p, by_size in table.items()
-                if not p.startswith("step")}
+                if p in ("forward", "backward")}
+
+    def time_few_rows(name, dtype, V):
+        try:
+            row, log = few_rows_row(dtype, V, do_bench, current_tiles)
+        except Exception as e:  # a probe that fails must not cost the table what is already measured
+            print(f"  {name} V={V} few rows: {type(e).__name__}: {e}", flush=True)
+            return
+        for line in log:
+            print(f"{name} V={V:>6} {line}", flush=True)
+        lines.append(f"| {name} | {V} | forward, few rows | {tuple(row[2:])} up to {row[1]} rows | - | - | - | - |")
+        table["forward_few"].setdefault(str(torch.tensor([], dtype=dtype).element_size()), []).append(row)
 
     def time_point(name, dtype, V):
         """Every candidate tile of both passes at one (dtype, V); tensors are freed on return."""
@@ -195,6 +271,7 @@ def main(argv=None):
     for name, dtype in dtypes.items():
         for V in vs:
             time_point(name, dtype, V)
+            time_few_rows(name, dtype, V)
             torch.cuda.empty_cache()
             meta = write_table()
     print(f"# Tiles measured on {gpu}, {meta['date']} (copy {copy:.0f} GB/s)\n")

@@ -76,3 +76,50 @@ def test_split_parts_cover_the_row(n_rows, n_cols):
     f = lc.forward_launch(n_rows, n_cols, 2, CPU)
     assert f.cols_per_prog % f.block == 0
     assert (f.split - 1) * f.cols_per_prog < n_cols <= f.split * f.cols_per_prog
+
+
+def test_few_rows_table(tiles_file, monkeypatch):
+    """A "forward_few" row turns the split off up to its row count, with its own tile; without one, or past
+    it, the split rule stands. (The nominal CPU device has 4 SMs: fewer than 8 rows split.)"""
+    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
+        "forward": {"2": [[2**31 - 1, 1024, 4]]},
+        "forward_few": {"2": [[40000, 5, 4096, 16, 4], [2**31 - 1, 0, 4096, 16, 4]]}}}))
+    few = lc.forward_launch(3, 32000, 2, CPU)
+    assert (few.split, few.block, few.num_warps, few.stages) == (1, 4096, 16, 4)
+    assert few.cols_per_prog >= 32000 and few.cols_per_prog % few.block == 0
+    assert lc.forward_launch(6, 32000, 2, CPU).split > 1  # past max_rows
+    assert lc.forward_launch(3, 128256, 2, CPU).split > 1  # max_rows 0: the split won there
+    assert lc.forward_launch(3, 32000, 4, CPU).split > 1  # no fp32 row
+    small = lc.forward_launch(1, 1000, 2, CPU)  # a row that the rule does not split keeps its tile
+    assert (small.split, small.block) == (1, 1024)
+    monkeypatch.setattr(lc, "FORCE_SPLIT", 2)
+    assert lc.forward_launch(3, 32000, 2, CPU).split == 2
+    monkeypatch.setattr(lc, "FORCE_SPLIT", None)
+    monkeypatch.setattr(lc, "FORCE_TILE", (512, 2))
+    assert lc.forward_launch(3, 32000, 2, CPU).split > 1  # the tuner's forced tiles keep the split rule
+
+
+def test_few_rows_table_result(backend, device, tiles_file):
+    """The loss and gradient of a few-row forward taken by a "forward_few" row (one pipelined program per
+    row, no combine) against float64 torch."""
+    import torch.nn.functional as F
+
+    import xent_triton
+    from helpers import close, rand_logits, rand_probs, tol
+
+    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
+        "forward_few": {"4": [[2**31 - 1, 5, 512, 4, 3]], "2": [[2**31 - 1, 5, 512, 4, 3]]}}}))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rand_logits((3, 9000), dtype, device)
+        assert lc._launch("forward", 3, 9000, x.element_size(), device).split > 1  # the rule alone splits
+        assert lc.forward_launch(3, 9000, x.element_size(), device).split == 1
+        y = rand_probs((3, 9000), dtype, device)
+        t = torch.randint(0, 9000, (3,), device=device)
+        for target in (y, t):
+            loss = xent_triton.cross_entropy(x, target, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x)
+            xr = x.detach().double().requires_grad_()
+            ref = F.cross_entropy(xr, target.double() if target.is_floating_point() else target, reduction="sum")
+            (g_ref,) = torch.autograd.grad(ref, xr)
+            close(loss, ref, **tol(dtype))
+            close(g, g_ref, **tol(dtype))

@@ -8,7 +8,8 @@ warps, and at 4% with 16384/4 (register spills).
 
 A measured table overrides that heuristic: ``perf/tune_tiles.py`` times every
 (BLOCK, num_warps, stages) candidate on a GPU and writes ``tiles.json`` beside this
-file, which is then read once, at the first launch.
+file, which is then read once, at the first launch. Rows count as measured for the
+class counts (V) and, for the few-row forward, the row counts (N) that it times.
 """
 import functools
 import json
@@ -158,8 +159,32 @@ def rows_launch(n_rows, n_cols, device, hard_forward: bool = False) -> Optional[
     return RowsLaunch(rows=rows, block=block, num_warps=max(1, min(16, rows * block // (32 * _ROWS_PER_THREAD))))
 
 
+def _few_rows_tile(n_rows, n_cols, itemsize):
+    """(BLOCK, num_warps, stages) of one program per row for a forward that the split rule would split,
+    where perf/tune_tiles.py measured that tile no slower than the split (a "forward_few" row of
+    tiles.json: [max_cols, max_rows, block, num_warps, stages], covering the class counts up to
+    max_cols like the forward's rows, and up to max_rows rows); else None.
+
+    A split row costs a second launch (the combine, 15-50 us of host time) and a partial buffer; with
+    pipelined loads one program can keep enough bytes in flight by itself (perf/NOTES.md P18)."""
+    for max_cols, max_rows, block, warps, stages in measured_tiles().get("forward_few", {}).get(itemsize, []):
+        if n_cols <= max_cols:
+            if n_rows > max_rows:
+                return None
+            p2 = next_pow2(max(n_cols, 1))
+            return min(block, p2), (warps if block <= p2 else max(1, min(warps, p2 // 128))), stages
+    return None
+
+
 def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
-    return _launch("forward", n_rows, n_cols, itemsize, device, split=FORCE_SPLIT)
+    launch = _launch("forward", n_rows, n_cols, itemsize, device, split=FORCE_SPLIT)
+    if launch.split > 1 and FORCE_SPLIT is None and FORCE_TILE is None:
+        few = _few_rows_tile(n_rows, n_cols, itemsize)
+        if few is not None:
+            block, num_warps, stages = few
+            return Launch(block=block, num_warps=num_warps, split=1, cols_per_prog=cdiv(n_cols, block) * block,
+                          stages=stages)
+    return launch
 
 
 def backward_launch(n_rows, n_cols, itemsize, device) -> Launch:
