@@ -4,14 +4,15 @@ launch) against one program per row with pipelined loads (perf/NOTES.md P18).
     python -m perf.split_probe --out DIR      # ~30 s on a GPU machine; writes split_probe.csv
 
 Below 2 x SMs rows the forward splits each row (launch_config._launch) so that more programs share the
-memory latency; that costs a second launch (~40 us of host time each, P18) and a partial buffer. A
-program with STAGES - 1 blocks in flight (P17) may cover the latency alone. Each configuration's forward
-(ops.forward: both launches where the row is split) is replayed in a CUDA graph, so the times are the
-device's; the host time of one launch fewer is in perf.host_overhead. These problems fit in L2 (50 MB),
-and a graph replays the same addresses: each captured call reads the next of enough copies of the
-inputs (up to 256 MiB; a graph of ~50 ms holds a few hundred calls) that its data has left L2 before it
-comes round again, as a training step's fresh logits would have. Each result is checked against float64 torch first. Without CUDA the same checks run through the Triton interpreter on small rows and
-nothing is timed.
+memory latency; that costs a second launch (the combine: 15-50 us of host time, P18) and a partial
+buffer. A program with STAGES - 1 blocks in flight (P17) may cover the latency alone. Each
+configuration's forward (ops.forward: both launches where the row is split) is replayed in a CUDA graph,
+so the times are the device's; the host time of one launch fewer is in perf.host_overhead. These problems
+fit in L2 (50 MB), and a graph replays the same addresses: each captured call reads the next of enough
+copies of the inputs (up to 256 MiB; a graph of ~50 ms holds a few hundred calls) that its data has left
+L2 before it comes round again, as a training step's fresh logits would have. Each result is checked
+against float64 torch first. Without CUDA the same checks run through the Triton interpreter on small
+rows and nothing is timed. perf/tune_tiles.py times the same choice for its "forward_few" rows.
 """
 import argparse
 import itertools

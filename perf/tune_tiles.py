@@ -83,7 +83,8 @@ def few_rows_row(dtype, V, do_bench, baseline_tiles, device="cuda", rows=FEW_ROW
         for i, N in enumerate(rows):
             x = torch.randn(N, V, device=device, dtype=dtype) * 2
             y = torch.softmax(torch.randn(N, V, device=device), -1).to(dtype)
-            copies = [(x.clone(), y.clone()) for _ in range(max(1, rotate_bytes // (2 * x.numel() * x.element_size())))]
+            n_copies = max(1, rotate_bytes // (2 * x.numel() * x.element_size()))
+            copies = [(x.clone(), y.clone()) for _ in range(n_copies)]
             turn = itertools.cycle(copies)
 
             def fwd():
@@ -262,7 +263,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         meta = dict(gpu=gpu, date=datetime.date.today().isoformat(), torch=torch.__version__,
                     triton=triton.__version__, copy_gbps=round(copy), timing="cuda graph (device time)"
-                    if not graph_failures else f"{len(graph_failures)} candidate(s) with do_bench: graph capture failed",
+                    if not graph_failures else f"{len(graph_failures)} candidate(s) timed by do_bench: capture failed",
                     tiles=out)
         with open(os.path.join(args.out, "tiles.json"), "w") as f:
             json.dump(meta, f, indent=1)

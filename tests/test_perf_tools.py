@@ -13,7 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes time the kernels: perf/gpu_check.sh runs them")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes time kernels: perf/gpu_check.sh runs them")
 @pytest.mark.parametrize("module", ["perf.loop_ab", "perf.split_probe"])
 def test_probe_checks_pass_on_the_interpreter(module, tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")

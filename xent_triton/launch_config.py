@@ -34,7 +34,7 @@ FUSED_STEP_ENV = "XENT_TRITON_FUSED_STEP"
 # Persistent programs per SM of the fused step: few, so that programs x row bytes fit in L2.
 _STEP_PROGRAMS_PER_SM = 2
 # Pipeline depth of the fused step's loads. With one block in flight per program, its 2 programs per SM
-# kept ~8 KB per SM in flight (bf16 2048/8), where HBM needs ~20 KB per SM to cover its latency
+# kept ~8 KB per SM in flight (bf16 2048/8), where HBM needs ~16 KB per SM to cover its latency
 # (Little's law, perf/NOTES.md P17): it measured 47% of copy on an H100. 3 stages: 2 blocks ahead.
 _STEP_STAGES = 3
 TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
@@ -88,17 +88,22 @@ def measured_tiles():
     return {p: {int(k): sorted(v) for k, v in by_size.items()} for p, by_size in table.items()}
 
 
+def _fit(block: int, warps: int, n_cols: int):
+    """A measured (BLOCK, num_warps) for a row shorter than BLOCK: the block shrinks to the row's next power
+    of two, and the warps with it (128 elements per warp at least)."""
+    p2 = next_pow2(max(n_cols, 1))
+    return min(block, p2), (warps if block <= p2 else max(1, min(warps, p2 // 128)))
+
+
 def _tile(pass_name: str, n_cols: int, itemsize: int):
     """(BLOCK, num_warps, stages): forced, measured, or the anchors' heuristic (no pipelining)."""
     if FORCE_TILE is not None:
         return (*FORCE_TILE, 1)[:3]
-    p2 = next_pow2(max(n_cols, 1))
     for max_cols, block, warps, *stages in measured_tiles().get(pass_name, {}).get(itemsize, []):
         if n_cols <= max_cols:
-            warps = warps if block <= p2 else max(1, min(warps, p2 // 128))
-            return min(block, p2), warps, (stages or [1])[0]
+            return (*_fit(block, warps, n_cols), (stages or [1])[0])
     cap = {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512)
-    block = min(p2, cap)
+    block = min(next_pow2(max(n_cols, 1)), cap)
     return block, max(1, min(16, block // 128)), 1
 
 
@@ -169,10 +174,7 @@ def _few_rows_tile(n_rows, n_cols, itemsize):
     pipelined loads one program can keep enough bytes in flight by itself (perf/NOTES.md P18)."""
     for max_cols, max_rows, block, warps, stages in measured_tiles().get("forward_few", {}).get(itemsize, []):
         if n_cols <= max_cols:
-            if n_rows > max_rows:
-                return None
-            p2 = next_pow2(max(n_cols, 1))
-            return min(block, p2), (warps if block <= p2 else max(1, min(warps, p2 // 128))), stages
+            return (*_fit(block, warps, n_cols), stages) if n_rows <= max_rows else None
     return None
 
 
