@@ -22,7 +22,7 @@
 #   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
 #   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220),
 #   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), AB_TIMEOUT_S (200), SPLIT_TIMEOUT_S (90),
-#   TUNE_TIMEOUT_S (520; 300 with --tune-quick).
+#   TUNE_TIMEOUT_S (520; 320 with --tune-quick).
 # Writes into $OUT: pytest.log, sweep.log, and from the sweep sweep.csv, sweep.md, log.txt, pct_of_copy.png,
 # speedup_vs_compile.png (and the other stages' files). The device tool returns at most 8 files: past 8,
 # everything is packed into $OUT/bundle.tar.gz and only the summaries stay beside it.
@@ -163,7 +163,7 @@ fi
 
 # (c'') quick tile tuning, whose table this run's sweep then uses
 if [ "$TUNE_QUICK" = 1 ]; then
-  stage tune.log "${TUNE_TIMEOUT_S:-300}" perf.tune_tiles --quick --out "$OUT"; TUNEQ_RC=$STAGE_RC
+  stage tune.log "${TUNE_TIMEOUT_S:-320}" perf.tune_tiles --quick --out "$OUT"; TUNEQ_RC=$STAGE_RC
   if [ -s "$OUT/tiles.json" ]; then
     cp "$OUT/tiles.json" xent_triton/tiles.json && say "this run's sweep uses the tiles.json just measured"
   fi

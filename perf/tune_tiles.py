@@ -1,24 +1,25 @@
 """Measure the (BLOCK, num_warps, stages) tile of each kernel pass on this GPU and write tiles.json.
 
-    python -m perf.tune_tiles --out $OUT            # ~3-5 min on an H100: 2 dtypes x 4 V x (18 + 9 tiles
-                                                    # + 1 + 12 steps + 4 x 5 few-row forwards); tiles.json
-                                                    # is rewritten after every V
+    python -m perf.tune_tiles --out $OUT            # ~4-6 min on an H100: 2 dtypes x 4 V x (18 + 9 tiles
+                                                    # + 2 x (1 + 12) steps + 4 x 5 few-row forwards);
+                                                    # tiles.json is rewritten after every V
     python -m perf.tune_tiles --quick --out $OUT    # bf16 only, 2 V
 
 For each element size (bf16, fp32), class count V and pass (forward of the soft loss, backward of the soft
-loss; then the training step with class indices, two kernels against every fused-step candidate), every
-candidate tile is timed at N rows chosen so that one tensor holds about 512 MiB (large enough that no row
-is split and the data is far past L2), replayed in a CUDA graph (triton.testing.do_bench_cudagraph,
-median): device time alone. Timed with plain do_bench, as before 2026-11-26's eighth session, a step at
-these sizes measured the host's ~1 ms per call on the H100 machine, not the kernels (perf/NOTES.md P17);
-where a capture fails, the candidate falls back to do_bench and the log says so. The fastest
-tile per (pass, element size, V) becomes a row of the table that xent_triton/launch_config.py reads
+loss; then the training step with class indices and with probabilities, two kernels against every
+fused-step candidate), every candidate tile is timed at N rows chosen so that one tensor holds about
+512 MiB (large enough that no row is split and the data is far past L2), replayed in a CUDA graph
+(triton.testing.do_bench_cudagraph, median): device time alone. Timed with plain do_bench, as before
+2026-11-26's eighth session, a step at these sizes measured the host's ~1 ms per call on the H100
+machine, not the kernels (perf/NOTES.md P17); where a capture fails, the candidate falls back to
+do_bench and the log says so. The fastest tile per (pass, element size, V) becomes a row of the table
+that xent_triton/launch_config.py reads
 (copy the written tiles.json to xent_triton/tiles.json and commit it with the card named in it). Results
 are also printed as % of the copy bandwidth measured in the same run, on the byte model of
-../shared/ANCHORS.md (forward 2NVb, backward 3NVb, hard-label step 2NVb). A "step_hard" row records the
-best fused tile where the fused step beat the two kernels, and programs_per_sm 0 where it did not: with
-XENT_TRITON_FUSED_STEP=auto (the default) the fused step runs only where it won, for class indices (soft
-labels are not measured here, so they keep the two kernels). A "forward_few" row records, per V, up to
+../shared/ANCHORS.md (forward 2NVb, backward 3NVb, step 2NVb with class indices, 3NVb with probabilities).
+A "step_hard" / "step_soft" row records the best fused tile where the fused step beat the two kernels, and
+programs_per_sm 0 where it did not: with XENT_TRITON_FUSED_STEP=auto (the default) the fused step runs
+only where it won, for that label kind. A "forward_few" row records, per V, up to
 how many rows (of FEW_ROWS, all below the split rule's 2 x SMs) one pipelined program per row kept up
 with the split and its combine launch on the device, and with which tile (few_rows_row; perf/NOTES.md
 P18); the forward then skips the split there.
@@ -147,7 +148,7 @@ def main(argv=None):
     copy = copy_gbps(do_bench)  # graph-replayed too
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {copy:.0f} GB/s; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    table = {"forward": {}, "backward": {}, "step_hard": {}, "forward_few": {}}
+    table = {"forward": {}, "backward": {}, "step_hard": {}, "step_soft": {}, "forward_few": {}}
     lines = ["| dtype | V | pass | best tile | ms | % of copy | worst tile | worst % |", "|---|---|---|---|---|---|---|---|"]
     def current_tiles():
         """The forward/backward rows measured so far, in launch_config.measured_tiles' form."""
@@ -198,11 +199,23 @@ def main(argv=None):
             table[pass_name].setdefault(str(b), []).append([V, *best])
         del y, loss, lse, qsum, g
         time_step(name, dtype, x, N, V, b)
+        try:  # newer than the rest: a failure must not cost the table what is already measured
+            time_step(name, dtype, x, N, V, b, kind="soft")
+        except Exception as e:
+            os.environ.pop(lc.FUSED_STEP_ENV, None)
+            lc.FORCE_STEP = None
+            print(f"  {name} V={V} soft step: {type(e).__name__}: {e}", flush=True)
 
-    def time_step(name, dtype, x, N, V, b):
-        """Hard-label training step: the two kernels against each fused-step candidate."""
+    def time_step(name, dtype, x, N, V, b, kind="hard"):
+        """Training step with class indices (``kind`` "hard") or probabilities ("soft"): the two kernels
+        against each fused-step candidate; a "step_hard" / "step_soft" row."""
         x = x.detach().requires_grad_()
-        t = torch.randint(0, V, (N,), device="cuda")
+        if kind == "hard":
+            t = torch.randint(0, V, (N,), device="cuda")
+        else:
+            t = torch.softmax(torch.randn(N, V, device="cuda"), -1).to(dtype)
+        floor = (2 if kind == "hard" else 3) * N * V * b  # the single-touch floor (ANCHORS.md)
+        label = "step" if kind == "hard" else "soft step"
 
         def step():
             loss = xent_triton.cross_entropy(x, t, reduction="sum")
@@ -230,20 +243,20 @@ def main(argv=None):
                 lc.FORCE_STEP = None
         del os.environ[lc.FUSED_STEP_ENV]
         if not timings:
-            print(f"  {name} V={V} step: no fused candidate ran; the two kernels stay", flush=True)
-            table["step_hard"].setdefault(str(b), []).append([V, 0, 0, 0])
+            print(f"  {name} V={V} {label}: no fused candidate ran; the two kernels stay", flush=True)
+            table["step_" + kind].setdefault(str(b), []).append([V, 0, 0, 0])
             return
         timings.sort()
         (ms, best), (worst_ms, worst) = timings[0], timings[-1]
-        pct = {k: 2 * N * V * b / v / 1e6 / copy * 100 for k, v in (("two", two_kernel_ms), ("best", ms),
-                                                                     ("worst", worst_ms))}
+        pct = {k: floor / v / 1e6 / copy * 100 for k, v in (("two", two_kernel_ms), ("best", ms),
+                                                             ("worst", worst_ms))}
         wins = ms < two_kernel_ms
-        print(f"{name} V={V:>6} N={N:>6}     step: two kernels {two_kernel_ms:.3f} ms ({pct['two']:.0f}%); fused "
+        print(f"{name} V={V:>6} N={N:>6} {label:>9}: two kernels {two_kernel_ms:.3f} ms ({pct['two']:.0f}%); fused "
               f"best {best} {ms:.3f} ms ({pct['best']:.0f}%), worst {worst} ({pct['worst']:.0f}%)", flush=True)
-        lines.append(f"| {name} | {V} | step (two kernels) | - | {two_kernel_ms:.3f} | {pct['two']:.0f} | - | - |")
-        lines.append(f"| {name} | {V} | step (fused) | {best} | {ms:.3f} | {pct['best']:.0f} | {worst} | "
+        lines.append(f"| {name} | {V} | {label} (two kernels) | - | {two_kernel_ms:.3f} | {pct['two']:.0f} | - | - |")
+        lines.append(f"| {name} | {V} | {label} (fused) | {best} | {ms:.3f} | {pct['best']:.0f} | {worst} | "
                      f"{pct['worst']:.0f} |")
-        table["step_hard"].setdefault(str(b), []).append([V] + (list(best) if wins else [0, 0, 0]))
+        table["step_" + kind].setdefault(str(b), []).append([V] + (list(best) if wins else [0, 0, 0]))
 
     def write_table():
         """Write tiles.json from what is measured so far (a run cut short still leaves a usable table).
