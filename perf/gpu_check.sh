@@ -9,9 +9,9 @@
 #                                       # the sweep: writes $OUT/tiles.json (commit it as xent_triton/tiles.json)
 #   bash perf/gpu_check.sh --linear     # tests + perf/linear_bench.py (the fused linear head, ~1 min) instead
 #                                       # of the sweep: writes $OUT/linear.csv, linear.md, linear_log.txt
-#   bash perf/gpu_check.sh --host --tune-quick   # tests, perf/host_overhead.py and perf/rows_probe.py
-#                                       # (~1 min together; --rows: the probe alone), perf.tune_tiles --quick
-#                                       # (~2-3 min) whose tiles.json this run then uses, and the quick sweep
+#   bash perf/gpu_check.sh --host --tune-quick   # tests, perf/host_overhead.py (~30 s; --rows adds
+#                                       # perf/rows_probe.py, ~40 s), perf.tune_tiles --quick
+#                                       # (~3-5 min) whose tiles.json this run then uses, and the quick sweep
 #   bash perf/gpu_check.sh --ab --host --no-sweep   # also perf/loop_ab.py (~1-2 min): the forward's row loop
 #                                       # before and after perf/NOTES.md P16, and pipelined (P17), in one run
 #                                       # (writes loop_ab.csv), and perf/split_probe.py (~30 s): the few-row
@@ -44,7 +44,7 @@ for a in "$@"; do
     --no-sweep) RUN_SWEEP=0 ;;
     --tune) TUNE=1; RUN_SWEEP=0 ;;
     --linear) LINEAR=1; RUN_SWEEP=0 ;;
-    --host) HOST=1; ROWS=1 ;;
+    --host) HOST=1 ;;
     --rows) ROWS=1 ;;
     --ab) AB=1 ;;
     --tune-quick) TUNE_QUICK=1 ;;
