@@ -202,8 +202,6 @@ def main(argv=None):
         try:  # newer than the rest: a failure must not cost the table what is already measured
             time_step(name, dtype, x, N, V, b, kind="soft")
         except Exception as e:
-            os.environ.pop(lc.FUSED_STEP_ENV, None)
-            lc.FORCE_STEP = None
             print(f"  {name} V={V} soft step: {type(e).__name__}: {e}", flush=True)
 
     def time_step(name, dtype, x, N, V, b, kind="hard"):
@@ -225,23 +223,23 @@ def main(argv=None):
         # heuristic: on 2026-11-26 (H100) it ran the heuristic's untuned forward and the fused step "won"
         # by 2-16%, where the sweep with the tuned tiles then measured the two kernels 1.3-1.7x faster.
         installed = lc.measured_tiles
-        lc.measured_tiles = current_tiles
-        os.environ[lc.FUSED_STEP_ENV] = "0"
-        try:
+        timings = []
+        try:  # the mode and the tiles go back as they were, whatever fails
+            lc.measured_tiles = current_tiles
+            os.environ[lc.FUSED_STEP_ENV] = "0"
             two_kernel_ms = do_bench(step)
+            lc.measured_tiles = installed
+            os.environ[lc.FUSED_STEP_ENV] = "1"
+            for cand in STEP_CANDIDATES:
+                lc.FORCE_STEP = cand
+                try:
+                    timings.append((do_bench(step), cand))
+                except Exception as e:
+                    print(f"  {name} V={V} {label} {cand}: {type(e).__name__}: {e}", flush=True)
         finally:
             lc.measured_tiles = installed
-        os.environ[lc.FUSED_STEP_ENV] = "1"
-        timings = []
-        for cand in STEP_CANDIDATES:
-            lc.FORCE_STEP = cand
-            try:
-                timings.append((do_bench(step), cand))
-            except Exception as e:
-                print(f"  {name} V={V} step {cand}: {type(e).__name__}: {e}", flush=True)
-            finally:
-                lc.FORCE_STEP = None
-        del os.environ[lc.FUSED_STEP_ENV]
+            lc.FORCE_STEP = None
+            os.environ.pop(lc.FUSED_STEP_ENV, None)
         if not timings:
             print(f"  {name} V={V} {label}: no fused candidate ran; the two kernels stay", flush=True)
             table["step_" + kind].setdefault(str(b), []).append([V, 0, 0, 0])
