@@ -4,8 +4,9 @@
 
 For each shape and label kind it times a forward and a training step (forward + backward of the mean
 loss) of: torch eager (F.cross_entropy), xent_triton as shipped ("direct": eager calls skip the
-dispatcher, ops._direct) and xent_triton through the torch.library custom ops ("dispatcher", the path
-torch.compile and tensor subclasses take). Two numbers per row:
+dispatcher, ops._direct), the same with every kernel launched by Triton's own ``fn[grid]`` instead of
+xent_triton.launcher ("direct_triton_launch"), and xent_triton through the torch.library custom ops
+("dispatcher", the path torch.compile and tensor subclasses take). Two numbers per row:
 
 * host_us: CPU wall time per call of a loop of 50 calls that does not wait for the GPU (best of 5); on
   small problems it is the time a training loop sees. Where the GPU is slower, the loop can still
@@ -19,15 +20,17 @@ Triton backend's host code on CPU tensors with every kernel launch replaced by a
 Triton's launcher nor any kernel runs, and counts the torch ops and launches of one step. That part
 of the host time, and its op count, can be compared before and after a change on any machine.
 
-``--stubbed-driver`` keeps Triton's own launch path in it: the kernels are compiled for sm_90 (no GPU
-needed) and every launch goes through ``JITFunction.run`` (argument binding, specialization, the cache
-lookup); only the CUDA driver is a stand-in (module loading and the C launcher do nothing). The
-difference from ``--stubbed`` is the Python cost of Triton's launches, which fewer or smaller launches
-would save.
+``--stubbed-driver`` keeps Triton's launch path in it: the kernels are compiled for sm_90 (no GPU
+needed) and every launch goes through Triton's Python launch code; only the CUDA driver is a stand-in
+(module loading and the C launcher do nothing). Each call is timed twice: launched by Triton's
+``JITFunction.run`` (argument binding, specialization and the cache lookup on every call; "triton")
+and by xent_triton.launcher as shipped ("launcher"). The difference from ``--stubbed`` is the Python
+cost of the launches.
 """
 import argparse
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import time
@@ -58,6 +61,12 @@ def host_us(fn):
 
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "expand", "as_strided", "detach",
              "alias", "select", "empty", "empty_strided", "new_empty", "t", "squeeze", "unsqueeze"}
+
+
+def _describe(a):
+    if isinstance(a, torch.Tensor):
+        return "tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr()
+    return a
 
 
 def _install_fake_cuda_driver(launches):
@@ -95,8 +104,9 @@ def _install_fake_cuda_driver(launches):
 
         def launcher_cls(self, src, metadata):
             # The C launcher's arguments: grid (3), stream, function, packed metadata, launch metadata,
-            # two hooks, then the kernel's arguments.
-            return lambda *args: launches.append((src.fn.__name__, len(args) - 9))
+            # two hooks, then the kernel's arguments (all of them, constexprs included). Tensors are
+            # recorded by description: a reference kept here would make autograd copy the gradient.
+            return lambda *args: launches.append((src.fn.__name__, tuple(map(_describe, args))))
 
     driver.set_active(FakeCudaDriver())
 
@@ -130,18 +140,25 @@ def stubbed(out_dir, reps=200, driver=False):
         for name in dir(triton_backend):
             if name.endswith("_kernel"):
                 setattr(triton_backend, name, Stub(name))
+    from xent_triton import launcher
+    # With the stand-in driver, Triton's own launch path (fn[grid]) against xent_triton.launcher's.
+    launch_modes = (("triton", False), ("launcher", True)) if driver else (("stubbed", launcher.ENABLED),)
     torch.set_num_threads(1)
 
     def best_us(fn):
+        """{launch mode: best us per call}: the best of many loops on a shared machine, the launch
+        modes taking turns loop by loop, since its speed drifts by more than they differ."""
         for _ in range(20):
             fn()
-        best = float("inf")
-        for _ in range(3 * TRIES):  # a shared CPU machine: the best of more loops
+        best = {}
+        for i in range(3 * TRIES * len(launch_modes)):
+            launch, launcher.ENABLED = launch_modes[i % len(launch_modes)]
+            fn()
             t0 = time.perf_counter()
             for _ in range(reps):
                 fn()
-            best = min(best, time.perf_counter() - t0)
-        return best / reps * 1e6
+            best[launch] = min(best.get(launch, float("inf")), (time.perf_counter() - t0) / reps * 1e6)
+        return best
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -174,8 +191,12 @@ def stubbed(out_dir, reps=200, driver=False):
                 x.grad = None
                 xent_triton.cross_entropy(x, target).backward()
 
-            for pass_name, fn in (("forward", fwd), ("step", step)):
-                us = best_us(fn)
+            for (pass_name, fn), (launch, enabled) in itertools.product((("forward", fwd), ("step", step)),
+                                                                         launch_modes):
+                if launch == launch_modes[0][0]:
+                    times = best_us(fn)
+                us = times[launch]
+                launcher.ENABLED = enabled
                 direct = ops._direct
                 ops._direct = lambda *t: True  # the counting mode would turn the direct path off
                 try:
@@ -184,11 +205,14 @@ def stubbed(out_dir, reps=200, driver=False):
                         fn()
                 finally:
                     ops._direct = direct
-                row = dict(N=n, V=v, labels=kind, pass_=pass_name, host_us=round(us, 1), torch_ops=len(mode.names),
-                           dispatcher_calls=mode.calls, launches=len(launches),
-                           launch_args=sum(a for _, a in launches), ops=" ".join(mode.names))
+                # Stub records the argument count; the stand-in launcher gets 9 leading arguments (grid,
+                # stream, function, metadata, hooks) before the kernel's.
+                n_args = [a if isinstance(a, int) else len(a) - 9 for _, a in launches]
+                row = dict(N=n, V=v, labels=kind, pass_=pass_name, launch=launch, host_us=round(us, 1),
+                           torch_ops=len(mode.names), dispatcher_calls=mode.calls, launches=len(launches),
+                           launch_args=sum(n_args), ops=" ".join(mode.names))
                 rows.append(row)
-                print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {us:7.1f} us  {len(mode.names)} torch ops "
+                print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {launch:<8} {us:7.1f} us  {len(mode.names)} torch ops "
                       f"({row['ops']}; {mode.calls} dispatcher calls with views and allocations), "
                       f"{len(launches)} launches of {row['launch_args']} args")
     name = "host_stubbed_driver.csv" if driver else "host_stubbed.csv"
@@ -213,10 +237,13 @@ def main(argv=None):
     import triton
 
     import xent_triton
-    from xent_triton import ops
+    from xent_triton import launcher, ops
 
     direct = ops._direct
-    modes = {"direct": direct, "dispatcher": lambda *t: False}
+    # (eager path, launches through xent_triton.launcher): "direct_triton_launch" is the shipped path
+    # with every kernel launched by Triton's own fn[grid] instead.
+    modes = {"direct": (direct, True), "direct_triton_launch": (direct, False),
+             "dispatcher": (lambda *t: False, True)}
     os.makedirs(args.out, exist_ok=True)
     rows = []
     dev = torch.device("cuda")
@@ -241,7 +268,7 @@ def main(argv=None):
 
             cases = [("torch_eager", None, torch_fwd)] + [("xt_" + m, m, xt_fwd) for m in modes]
             for name, mode, f in cases:
-                ops._direct = modes[mode] if mode else direct
+                ops._direct, launcher.ENABLED = modes[mode] if mode else (direct, True)
                 try:
                     for pass_name, fn in (("forward", f), ("step", step(f))):
                         h = host_us(fn)
@@ -251,7 +278,7 @@ def main(argv=None):
                         print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {name:<14} host {h:8.1f} us   "
                               f"do_bench {g:8.1f} us")
                 finally:
-                    ops._direct = direct
+                    ops._direct, launcher.ENABLED = direct, True
         del x0, x, t, y
         torch.cuda.empty_cache()
 

@@ -8,11 +8,19 @@ import struct
 import torch
 import triton.language as tl
 
-from . import launch_config
+from . import kernels, launch_config
 from ._alloc import new_output
-from .kernels import (xent_backward_kernel, xent_combine_kernel, xent_forward_kernel, xent_rows_backward_kernel,
-                      xent_rows_forward_kernel, xent_step_kernel)
+from .launcher import Launcher
 from .layout import Rows
+
+# Launched through Launcher: Triton binds each kernel's ~25-50 arguments once per specialization,
+# not on every call (xent_triton/launcher.py).
+xent_forward_kernel = Launcher(kernels.xent_forward_kernel)
+xent_combine_kernel = Launcher(kernels.xent_combine_kernel)
+xent_backward_kernel = Launcher(kernels.xent_backward_kernel)
+xent_step_kernel = Launcher(kernels.xent_step_kernel)
+xent_rows_forward_kernel = Launcher(kernels.xent_rows_forward_kernel)
+xent_rows_backward_kernel = Launcher(kernels.xent_rows_backward_kernel)
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 

@@ -1,0 +1,155 @@
+"""xent_triton/launcher.py: launches that skip Triton's per-call binding must be Triton's own launches.
+
+The key must never be coarser than Triton's specialization (else a call would run a kernel compiled
+for other arguments): checked against Triton's specializer on this machine's Triton. Then, with the
+kernels compiled for sm_90 and a stand-in CUDA driver (perf/host_overhead.py), every launch of a
+range of calls must reach the C launcher with the same compiled kernel and the same arguments on
+both paths, and the calls after the first of each key must skip Triton's binding.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from xent_triton import launcher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cuda_backend():
+    return pytest.importorskip("triton.backends.nvidia.compiler").CUDABackend
+
+
+def test_key_is_as_fine_as_tritons_specialization():
+    assert launcher.key_is_exact(_cuda_backend())
+
+
+@pytest.mark.parametrize("coarser", ["no_alignment", "no_one", "one_int_width"])
+def test_a_coarser_key_is_refused(coarser, monkeypatch):
+    """The check itself: a key that forgets any case Triton specializes on must fail it."""
+    exact = launcher._arg_key
+
+    def key(a):
+        if isinstance(a, torch.Tensor) and coarser == "no_alignment":
+            return a.dtype
+        if type(a) is int and coarser == "no_one":
+            return a % 16 == 0
+        if type(a) is int and coarser == "one_int_width" and a != 1:
+            return a % 16 == 0
+        return exact(a)
+
+    monkeypatch.setattr(launcher, "_arg_key", key)
+    assert not launcher.key_is_exact(_cuda_backend())
+
+
+def test_uncovered_arguments_take_tritons_path():
+    with pytest.raises(launcher._Unkeyed):
+        launcher._arg_key(object())
+    with pytest.raises(launcher._Unkeyed):
+        launcher._arg_key(2 ** 64)
+    assert launcher._arg_key(1) != launcher._arg_key(17)
+    assert launcher._arg_key(16) != launcher._arg_key(2 ** 31 + 16)
+    assert launcher._arg_key(True) != launcher._arg_key(1)
+
+
+SCRIPT = textwrap.dedent(r'''
+    import os
+    os.environ["XENT_TRITON_BACKEND"] = "triton"
+    os.environ.pop("TRITON_INTERPRET", None)
+    from perf.host_overhead import _install_fake_cuda_driver
+    launches = []
+    _install_fake_cuda_driver(launches)
+    import torch
+    import xent_triton
+    from xent_triton import launcher, triton_backend
+    os.environ["TRITON_INTERPRET"] = "1"  # the backend takes CPU tensors; the kernels stay compiled ones
+
+    def canon(record):
+        """A launch as the C launcher sees it; an output tensor by its layout and 16-byte phase."""
+        name, args = record
+        out = [name]
+        for a in args:
+            if isinstance(a, tuple) and a and a[0] == "tensor":
+                out.append((a[1], a[2], a[3], a[4] % 16))
+            elif isinstance(getattr(a, "data", None), dict):  # launch metadata for the launch hooks
+                out.append(sorted((k, v if isinstance(v, (int, str)) else id(v)) for k, v in a.data.items()))
+            else:
+                out.append(a if isinstance(a, (int, float, str, type(None), tuple)) else id(a))
+        return out
+
+    def kernels():
+        return [getattr(triton_backend, k) for k in dir(triton_backend) if k.endswith("_kernel")]
+
+    def run(call, enabled):
+        launcher.ENABLED = enabled
+        launches.clear()
+        misses = sum(k.misses for k in kernels())
+        call()
+        return [canon(r) for r in launches], sum(k.misses for k in kernels()) - misses
+
+    g = torch.Generator().manual_seed(0)
+    def logits(n, v, dtype=torch.bfloat16, offset=0):
+        return torch.randn(n, v + offset, generator=g).to(dtype)[:, offset:].requires_grad_()
+
+    def step(x, *args, **kw):
+        def call():
+            x.grad = None
+            xent_triton.cross_entropy(x, *args, **kw).backward()
+        return call
+
+    cases = []
+    for n, v in ((1, 128256), (48, 32000), (64, 1000)):  # split + combine; whole rows; several rows a program
+        for offset in (0, 1):  # aligned and unaligned rows compile apart
+            x = logits(n, v, offset=offset)
+            hard = torch.randint(0, v, (n,), generator=g)
+            soft = torch.rand(n, v, generator=g).to(torch.bfloat16)
+            cases.append((f"{n}x{v}+{offset} hard", step(x, hard)))
+            cases.append((f"{n}x{v}+{offset} soft", step(x, soft)))
+    x = logits(48, 32000, torch.float32)
+    t = torch.randint(0, 32000, (48,), generator=g)
+    t[3] = -100
+    w = torch.rand(32000, generator=g)
+    cases.append(("options", step(x, t, weight=w, label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0)))
+    cases.append(("per-row", lambda: xent_triton.cross_entropy(x, t, reduction="none").sum().backward()))
+
+    def fused(call):
+        def run():
+            os.environ["XENT_TRITON_FUSED_STEP"] = "1"
+            try:
+                call()
+            finally:
+                os.environ["XENT_TRITON_FUSED_STEP"] = "0"
+        return run
+
+    os.environ["XENT_TRITON_FUSED_STEP"] = "0"
+    cases.append(("fused step", fused(step(logits(48, 32000), torch.randint(0, 32000, (48,), generator=g)))))
+
+    total = 0
+    for name, call in cases:
+        reference, _ = run(call, False)
+        run(call, True)  # first calls of new keys compile or find their kernel through fn[grid]
+        fast, misses = run(call, True)
+        assert reference, name
+        assert fast == reference, (name, fast, reference)
+        assert misses == 0, (name, misses)
+        total += len(fast)
+    # The cases alternate alignments: each call must still find its own variant.
+    for name, call in cases[::-1]:
+        reference, _ = run(call, False)
+        fast, misses = run(call, True)
+        assert fast == reference and misses == 0, name
+    print("LAUNCHES", total)
+''')
+
+
+def test_fast_launches_are_tritons_launches():
+    """The compiled kernel, grid, stream and every argument reaching the C launcher, on both paths."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert int(r.stdout.split("LAUNCHES")[1]) >= 30
