@@ -12,6 +12,9 @@ xent_triton.launcher ("direct_triton_launch"), and xent_triton through the torch
   small problems it is the time a training loop sees. Where the GPU is slower, the loop can still
   block on a full launch queue: read it against gpu_us.
 * gpu_us: triton.testing.do_bench (CUDA events, median): the larger of host and device time.
+* device_us (torch eager and "direct" only): the same call replayed in a CUDA graph
+  (triton.testing.do_bench_cudagraph, median): device time alone, with no host in it. Where it is below
+  eager's and gpu_us is above, the miss is the host's, not the kernels'.
 
 It ends with a cProfile of xent_triton's step at the smallest shape: where the host time goes.
 
@@ -46,6 +49,19 @@ SHAPES = [(1, 128256), (64, 256000), (32768, 1024), (8192, 32000)]
 REPS, TRIES = 50, 5
 
 
+def device_us(fn):
+    """Device time of fn alone (replayed in a CUDA graph, median us); None where the capture fails."""
+    import triton
+
+    fn()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+    except Exception as e:
+        print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.synchronize()
+        return None
+
+
 def host_us(fn):
     best = float("inf")
     for _ in range(TRIES):
@@ -69,9 +85,11 @@ def _describe(a):
     return a
 
 
-def _install_fake_cuda_driver(launches):
+def _install_fake_cuda_driver(launches, describe=False):
     """Make Triton's launch path run without a GPU: compile for sm_90, load nothing, launch nothing.
 
+    Each launch appends (kernel name, argument count) to ``launches``, or with ``describe`` (name, every
+    argument the C launcher gets, tensors by description), which costs more host time than a launch.
     Only the pieces of Triton's driver interface that JITFunction.run and CompiledKernel touch are
     provided; a Triton that needs more fails here with an AttributeError, not with a wrong number."""
     from triton.backends.compiler import GPUTarget
@@ -105,8 +123,10 @@ def _install_fake_cuda_driver(launches):
         def launcher_cls(self, src, metadata):
             # The C launcher's arguments: grid (3), stream, function, packed metadata, launch metadata,
             # two hooks, then the kernel's arguments (all of them, constexprs included). Tensors are
-            # recorded by description: a reference kept here would make autograd copy the gradient.
-            return lambda *args: launches.append((src.fn.__name__, tuple(map(_describe, args))))
+            # described: a reference kept here would make autograd copy the gradient.
+            if describe:
+                return lambda *args: launches.append((src.fn.__name__, tuple(map(_describe, args))))
+            return lambda *args: launches.append((src.fn.__name__, len(args) - 9))
 
     driver.set_active(FakeCudaDriver())
 
@@ -205,12 +225,9 @@ def stubbed(out_dir, reps=200, driver=False):
                         fn()
                 finally:
                     ops._direct = direct
-                # Stub records the argument count; the stand-in launcher gets 9 leading arguments (grid,
-                # stream, function, metadata, hooks) before the kernel's.
-                n_args = [a if isinstance(a, int) else len(a) - 9 for _, a in launches]
                 row = dict(N=n, V=v, labels=kind, pass_=pass_name, launch=launch, host_us=round(us, 1),
                            torch_ops=len(mode.names), dispatcher_calls=mode.calls, launches=len(launches),
-                           launch_args=sum(n_args), ops=" ".join(mode.names))
+                           launch_args=sum(a for _, a in launches), ops=" ".join(mode.names))
                 rows.append(row)
                 print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {launch:<8} {us:7.1f} us  {len(mode.names)} torch ops "
                       f"({row['ops']}; {mode.calls} dispatcher calls with views and allocations), "
@@ -273,10 +290,12 @@ def main(argv=None):
                     for pass_name, fn in (("forward", f), ("step", step(f))):
                         h = host_us(fn)
                         g = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+                        d = device_us(fn) if name in ("torch_eager", "xt_direct") else None
                         rows.append(dict(N=n, V=v, labels=kind, pass_=pass_name, method=name,
-                                         host_us=round(h, 1), gpu_us=round(g, 1)))
-                        print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {name:<14} host {h:8.1f} us   "
-                              f"do_bench {g:8.1f} us")
+                                         host_us=round(h, 1), gpu_us=round(g, 1),
+                                         device_us=None if d is None else round(d, 1)))
+                        print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {name:<20} host {h:8.1f} us   "
+                              f"do_bench {g:8.1f} us" + ("" if d is None else f"   graph {d:8.1f} us"))
                 finally:
                     ops._direct, launcher.ENABLED = direct, True
         del x0, x, t, y
@@ -285,11 +304,13 @@ def main(argv=None):
     write_csv(args.out, "host_overhead.csv", rows)
     with open(os.path.join(args.out, "host_overhead.md"), "w") as fh:
         fh.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-                 "bf16; host = CPU us per call, gpu = do_bench median us\n\n")
-        fh.write("| N | V | labels | pass | method | host us | do_bench us |\n|---|---|---|---|---|---|---|\n")
+                 "bf16; host = CPU us per call, do_bench = median us, graph = median us replayed in a CUDA graph "
+                 "(device time alone)\n\n")
+        fh.write("| N | V | labels | pass | method | host us | do_bench us | graph us |\n"
+                 "|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             fh.write(f"| {r['N']} | {r['V']} | {r['labels']} | {r['pass_']} | {r['method']} | {r['host_us']} "
-                     f"| {r['gpu_us']} |\n")
+                     f"| {r['gpu_us']} | {'-' if r['device_us'] is None else r['device_us']} |\n")
 
     # Where the host time of one step goes (smallest shape, class indices).
     x = torch.randn(1, 128256, device=dev, dtype=torch.bfloat16, requires_grad=True)

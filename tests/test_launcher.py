@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(r'''
     os.environ.pop("TRITON_INTERPRET", None)
     from perf.host_overhead import _install_fake_cuda_driver
     launches = []
-    _install_fake_cuda_driver(launches)
+    _install_fake_cuda_driver(launches, describe=True)
     import torch
     import xent_triton
     from xent_triton import launcher, triton_backend
