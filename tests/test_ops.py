@@ -138,6 +138,30 @@ def test_cuda_graph_capture_and_replay(monkeypatch, shape, fused_step):
         close(static_g, ref_g, rtol=0, atol=0)
 
 
+@cuda_only
+def test_compile_reduce_overhead_replays():
+    """torch.compile's CUDA-graph mode records the step's kernels once and replays them: on new inputs each
+    call, the loss and the weight gradient are eager torch's (the ops have no host sync to break it)."""
+    dev = torch.device("cuda")
+    lin = _model(dev)
+    t = torch.randint(0, 37, (64,), device=dev)
+    t[5] = -100
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z: xent_triton.cross_entropy(lin(z), t, label_smoothing=0.1),
+                             mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # the first calls warm up and record; the later ones replay
+        x = torch.randn(64, 16, device=dev)
+        torch.compiler.cudagraph_mark_step_begin()
+        loss = compiled(x)
+        loss.backward()
+        g, lin.weight.grad = lin.weight.grad.clone(), None
+        ref = F.cross_entropy(lin(x).double(), t, label_smoothing=0.1)
+        ref.backward()
+        close(loss.detach(), ref.detach().float(), rtol=1e-5, atol=1e-5)
+        close(g, lin.weight.grad, rtol=1e-5, atol=1e-5)
+        lin.weight.grad = lin.bias.grad = None
+
+
 # ------------------------------------------------------------------ eager calls skip the dispatcher (ops._direct)
 
 def _all_paths(device):
