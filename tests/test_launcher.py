@@ -141,15 +141,62 @@ SCRIPT = textwrap.dedent(r'''
         reference, _ = run(call, False)
         fast, misses = run(call, True)
         assert fast == reference and misses == 0, name
+
+    # The Launcher alone, on a small kernel: Triton's integer cases, a default, and calls it must not keep.
+    import triton
+    import triton.language as tl
+
+    os.environ.pop("TRITON_INTERPRET")  # triton.jit decides at definition: a compiled kernel, not interpreted
+
+    @triton.jit
+    def scale_kernel(X, Y, n, scale, BLOCK: tl.constexpr, NEG: tl.constexpr = False):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < n)
+        tl.store(Y + offs, -x * scale if NEG else x * scale, mask=offs < n)
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    tiny = launcher.Launcher(scale_kernel)
+    assert tiny._usable
+    kernels = lambda: [tiny]
+    buf = torch.randn(64)
+    calls = {
+        "n=1": lambda: tiny[(1,)](buf, buf[32:], 1, 2.0, BLOCK=16),
+        "n=16": lambda: tiny[(1,)](buf, buf[32:], 16, 2.0, BLOCK=16),
+        "n=17": lambda: tiny[(2, 1)](buf, buf[32:], 17, 2.0, BLOCK=32),
+        "n=2**31+1": lambda: tiny[(1, 1, 1)](buf, buf[32:], 2 ** 31 + 1, 2.0, BLOCK=32),
+        "unaligned": lambda: tiny[(1,)](buf[1:], buf[32:], 16, 2.0, BLOCK=16),
+        "default given": lambda: tiny[(1,)](buf, buf[32:], 16, 2.0, BLOCK=16, NEG=True),
+    }
+    for _ in range(2):
+        for name, call in calls.items():
+            reference, _ = run(call, False)
+            run(call, True)
+            fast, misses = run(call, True)
+            assert fast == reference and misses == 0, (name, fast, reference)
+    class Count(int):
+        pass
+
+    never_kept = {
+        "runtime by keyword": lambda: tiny[(1,)](buf, buf[32:], n=16, scale=2.0, BLOCK=16),
+        "int subclass": lambda: tiny[(1,)](buf, buf[32:], Count(16), 2.0, BLOCK=16),
+        "grid function": lambda: tiny[lambda meta: (1,)](buf, buf[32:], 16, 2.0, BLOCK=16),
+    }
+    for name, call in never_kept.items():
+        reference, _ = run(call, False)
+        for _ in range(2):
+            fast, misses = run(call, True)
+            assert fast == reference and misses == 1, (name, misses)
     print("LAUNCHES", total)
 ''')
 
 
-def test_fast_launches_are_tritons_launches():
+def test_fast_launches_are_tritons_launches(tmp_path):
     """The compiled kernel, grid, stream and every argument reaching the C launcher, on both paths."""
     pytest.importorskip("triton.backends.nvidia.compiler")
+    script = tmp_path / "launch_check.py"  # a file: triton.jit reads a kernel's source from one
+    script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert int(r.stdout.split("LAUNCHES")[1]) >= 30

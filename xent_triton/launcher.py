@@ -118,40 +118,43 @@ class Launcher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        global _exact
         if not (ENABLED and self._usable) or type(grid) is not tuple or len(args) > self._lead:
             return self._through_triton(grid, args, kwargs)
         knobs = self._knobs
-        if getattr(self.fn, "pre_run_hooks", None) or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None:
+        hooked = getattr(self.fn, "pre_run_hooks", None) or getattr(knobs.runtime, "add_stages_inspection_hook", None)
+        if hooked:
             return self._through_triton(grid, args, kwargs)
         try:
-            for name in kwargs:
-                if name in self._runtime:
-                    raise _Unkeyed
             key = (tuple([_arg_key(a) for a in args]), tuple(kwargs.items()), _knob_state(knobs))
         except _Unkeyed:
             return self._through_triton(grid, args, kwargs)
         driver = self._driver.active
         device = driver.get_current_device()
         try:
-            kernel = self._kernels.get((device, key))
+            hit = self._kernels.get((device, key))
         except TypeError:  # an unhashable constexpr or option
             return self._through_triton(grid, args, kwargs)
-        if kernel is None:
-            kernel = self._through_triton(grid, args, kwargs)
-            if _exact is None:
-                _exact = key_is_exact()
-            # Kept only when it is a compiled kernel (not a future or an interpreter object).
-            if _exact and callable(getattr(type(kernel), "__getitem__", None)) and not hasattr(kernel, "result"):
-                self._kernels[(device, key)] = kernel
-            return kernel
-        n = len(args)
-        if n < len(self._names):
-            tail = self._names[n:]
-            args = args + tuple([kwargs[k] if k in kwargs else self._defaults[k] for k in tail])
+        if hit is None:
+            return self._first_call(grid, args, kwargs, (device, key))
+        kernel, tail = hit
         g = len(grid)
         grid3 = (grid[0], grid[1] if g > 1 else 1, grid[2] if g > 2 else 1)
-        kernel[grid3](*args, stream=driver.get_current_stream(device))
+        kernel[grid3](*args, *tail, stream=driver.get_current_stream(device))
+        return kernel
+
+    def _first_call(self, grid, args, kwargs, key):
+        """A key's first call: Triton compiles or finds the kernel and launches it. The kernel is kept with
+        the parameters after ``args`` (constexprs and defaults), which the key fixes: kwargs by value."""
+        global _exact
+        kernel = self._through_triton(grid, args, kwargs)
+        if _exact is None:
+            _exact = key_is_exact()
+        # A runtime argument passed by keyword is in the key by identity, not by its specialization, and a
+        # future or an interpreter object is not a compiled kernel: neither is kept.
+        keep = _exact and not any(k in self._runtime for k in kwargs)
+        if keep and callable(getattr(type(kernel), "__getitem__", None)) and not hasattr(kernel, "result"):
+            names = self._names[len(args):]
+            self._kernels[key] = kernel, tuple(kwargs[k] if k in kwargs else self._defaults[k] for k in names)
         return kernel
 
     def _through_triton(self, grid, args, kwargs):
