@@ -200,3 +200,11 @@ def test_fast_launches_are_tritons_launches(tmp_path):
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert int(r.stdout.split("LAUNCHES")[1]) >= 30
+
+
+def test_bad_launch_mode_is_refused():
+    env = dict(os.environ, XENT_TRITON_LAUNCH="off", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", "import xent_triton.launcher"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "XENT_TRITON_LAUNCH must be one of 'fast', 'jit', got 'off'" in r.stderr

@@ -11,14 +11,17 @@ same arguments and stream Triton's own launch passes (``CompiledKernel[grid]``).
 
 The key is checked once per process against Triton's own specializer (``key_is_exact``). Where it
 disagrees, where Triton lacks what is used here, under the interpreter, with run hooks, for
-argument types the key does not cover, or with ``XENT_TRITON_LAUNCH=jit`` (read at import; or
-``launcher.ENABLED = False``), a call takes ``kernel[grid]``.
+argument types the key does not cover, or with ``XENT_TRITON_LAUNCH=jit`` (``fast`` by default; read at
+import; or ``launcher.ENABLED = False``), a call takes ``kernel[grid]``.
 """
 import os
 
 import torch
 
-ENABLED = os.environ.get("XENT_TRITON_LAUNCH", "fast").strip().lower() != "jit"
+_MODE = os.environ.get("XENT_TRITON_LAUNCH", "fast").strip().lower()
+if _MODE not in ("fast", "jit"):
+    raise ValueError(f"XENT_TRITON_LAUNCH must be one of 'fast', 'jit', got {_MODE!r}")
+ENABLED = _MODE == "fast"
 
 _I32, _I64 = 2 ** 31, 2 ** 63
 _exact = None  # key_is_exact(), once per process
