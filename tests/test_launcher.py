@@ -67,13 +67,16 @@ SCRIPT = textwrap.dedent(r'''
     from xent_triton import launcher, triton_backend
     os.environ["TRITON_INTERPRET"] = "1"  # the backend takes CPU tensors; the kernels stay compiled ones
 
+    exact_pointers = False  # the small kernel's calls below use no fresh outputs: compare their addresses
+
     def canon(record):
-        """A launch as the C launcher sees it; an output tensor by its layout and 16-byte phase."""
+        """A launch as the C launcher sees it; a tensor by its layout and 16-byte phase (fresh outputs have
+        other addresses on each path), or by its address where every tensor is an input."""
         name, args = record
         out = [name]
         for a in args:
             if isinstance(a, tuple) and a and a[0] == "tensor":
-                out.append((a[1], a[2], a[3], a[4] % 16))
+                out.append((a[1], a[2], a[3], a[4] if exact_pointers else a[4] % 16))
             elif isinstance(getattr(a, "data", None), dict):  # launch metadata for the launch hooks
                 out.append(sorted((k, v if isinstance(v, (int, str)) else id(v)) for k, v in a.data.items()))
             else:
@@ -158,6 +161,7 @@ SCRIPT = textwrap.dedent(r'''
     tiny = launcher.Launcher(scale_kernel)
     assert tiny._usable
     kernels = lambda: [tiny]
+    exact_pointers = True
     buf = torch.randn(64)
     calls = {
         "n=1": lambda: tiny[(1,)](buf, buf[32:], 1, 2.0, BLOCK=16),
@@ -173,6 +177,35 @@ SCRIPT = textwrap.dedent(r'''
             run(call, True)
             fast, misses = run(call, True)
             assert fast == reference and misses == 0, (name, fast, reference)
+
+    # One key, other values: a launch must carry this call's arguments and grid, not the first call's.
+    first = lambda: tiny[(1,)](buf, buf[32:], 17, 2.0, BLOCK=32)
+    second = lambda: tiny[(2,)](buf[16:], buf[48:], 33, 3.0, BLOCK=32)
+    run(first, True)
+    reference, _ = run(second, False)
+    fast, misses = run(second, True)
+    assert fast == reference and misses == 0, (fast, reference)
+    # The current stream goes to each launch; another device, or a debug knob, is another key.
+    driver = triton.runtime.driver.active
+    driver.stream = 7
+    reference, _ = run(second, False)
+    fast, misses = run(second, True)
+    assert fast == reference and misses == 0 and fast[0][4] == 7, fast
+    driver.stream = 0
+    for change, undo in ((lambda: setattr(driver, "device", 1), lambda: setattr(driver, "device", 0)),
+                         (lambda: setattr(triton.knobs.runtime, "debug", True),
+                          lambda: setattr(triton.knobs.runtime, "debug", False))):
+        change()
+        try:
+            reference, _ = run(second, False)
+            fast, misses = run(second, True)
+            assert fast == reference and misses == 1, (fast, reference, misses)
+            fast, misses = run(second, True)
+            assert fast == reference and misses == 0
+        finally:
+            undo()
+        assert run(second, True)[1] == 0  # back to the first key's kernel
+
     class Count(int):
         pass
 

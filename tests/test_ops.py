@@ -147,6 +147,8 @@ def test_compile_reduce_overhead_replays():
     t = torch.randint(0, 37, (64,), device=dev)
     t[5] = -100
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     compiled = torch.compile(lambda z: xent_triton.cross_entropy(lin(z), t, label_smoothing=0.1),
                              mode="reduce-overhead", fullgraph=True)
     for _ in range(4):  # the first calls warm up and record; the later ones replay
@@ -160,6 +162,26 @@ def test_compile_reduce_overhead_replays():
         close(loss.detach(), ref.detach().float(), rtol=1e-5, atol=1e-5)
         close(g, lin.weight.grad, rtol=1e-5, atol=1e-5)
         lin.weight.grad = lin.bias.grad = None
+    # Inductor falls back to plain launches, silently but for this counter, where it cannot use CUDA graphs.
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_tensors_on_another_gpu_than_the_current_one(kind):
+    """Triton launches on the current device; the ops make the tensors' device current first."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    x = rand_logits((48, 3000), torch.float32, dev)
+    t = torch.randint(0, 3000, (48,), device=dev) if kind == "hard" else rand_probs((48, 3000), torch.float32, dev)
+    loss = xent_triton.cross_entropy(x, t)
+    (g,) = torch.autograd.grad(loss, x)
+    xd = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(xd, t if kind == "hard" else t.double())
+    (r,) = torch.autograd.grad(ref, xd)
+    assert torch.cuda.current_device() == 0 and loss.device == g.device == dev
+    close(loss, ref, rtol=1e-5, atol=1e-5)
+    close(g, r, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ eager calls skip the dispatcher (ops._direct)

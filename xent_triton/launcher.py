@@ -9,7 +9,9 @@ current device. The first call of a key goes through ``kernel[grid]``, which com
 kernel and launches it; later calls of that key launch the compiled kernel it returned, with the
 same arguments and stream Triton's own launch passes (``CompiledKernel[grid]``).
 
-The key is checked once per process against Triton's own specializer (``key_is_exact``). Where it
+Each kept kernel stays referenced (with its loaded module) for the life of the process, as in Triton's
+own per-device cache: one per specialization met. The key is checked once per process against
+Triton's own specializer (``key_is_exact``). Where it
 disagrees, where Triton lacks what is used here, under the interpreter, with run hooks, for
 argument types the key does not cover, or with ``XENT_TRITON_LAUNCH=jit`` (``fast`` by default; read at
 import; or ``launcher.ENABLED = False``), a call takes ``kernel[grid]``.
@@ -121,7 +123,7 @@ class Launcher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        if not (ENABLED and self._usable) or type(grid) is not tuple or len(args) > self._lead:
+        if not (ENABLED and self._usable and _exact is not False) or type(grid) is not tuple or len(args) > self._lead:
             return self._through_triton(grid, args, kwargs)
         knobs = self._knobs
         hooked = getattr(self.fn, "pre_run_hooks", None) or getattr(knobs.runtime, "add_stages_inspection_hook", None)
@@ -152,9 +154,10 @@ class Launcher:
         kernel = self._through_triton(grid, args, kwargs)
         if _exact is None:
             _exact = key_is_exact()
-        # A runtime argument passed by keyword is in the key by identity, not by its specialization, and a
-        # future or an interpreter object is not a compiled kernel: neither is kept.
-        keep = _exact and not any(k in self._runtime for k in kwargs)
+        # A runtime argument passed by keyword is in the key by identity, not by its specialization; a
+        # future or an interpreter object is not a compiled kernel; a kernel that reads Python globals
+        # needs Triton's check, on every call, that they have not changed: none of them is kept.
+        keep = _exact and not any(k in self._runtime for k in kwargs) and not getattr(self.fn, "used_global_vals", 1)
         if keep and callable(getattr(type(kernel), "__getitem__", None)) and not hasattr(kernel, "result"):
             names = self._names[len(args):]
             self._kernels[key] = kernel, tuple(kwargs[k] if k in kwargs else self._defaults[k] for k in names)

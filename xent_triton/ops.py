@@ -31,9 +31,15 @@ def _impl(device: torch.device):
 
 
 def _run(device: torch.device, method: str, *args, **kwargs):
-    """Call the backend's ``method`` with autocast off: both backends choose their own precision, and
-    autocast would round the fallback's reductions (``linalg.vecdot`` is on CPU autocast's bf16 list)."""
+    """Call the backend's ``method`` on ``device`` (made the current CUDA device) with autocast off: both
+    backends choose their own precision, and autocast would round the fallback's reductions
+    (``linalg.vecdot`` is on CPU autocast's bf16 list)."""
     fn = getattr(_impl(device), method)
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device, not on the tensors': their addresses would be read in
+        # another GPU's context. torch's own ops guard the same way.
+        with torch.cuda.device(device):
+            return _run(device, method, *args, **kwargs)
     if not torch.is_autocast_enabled(device.type):
         return fn(*args, **kwargs)  # entering an autocast context costs more host time than the check
     with torch.autocast(device.type, enabled=False):
