@@ -9,12 +9,12 @@ current device. The first call of a key goes through ``kernel[grid]``, which com
 kernel and launches it; later calls of that key launch the compiled kernel it returned, with the
 same arguments and stream Triton's own launch passes (``CompiledKernel[grid]``).
 
-Each kept kernel stays referenced (with its loaded module) for the life of the process, as in Triton's
-own per-device cache: one per specialization met. The key is checked once per process against
-Triton's own specializer (``key_is_exact``). Where it
-disagrees, where Triton lacks what is used here, under the interpreter, with run hooks, for
-argument types the key does not cover, or with ``XENT_TRITON_LAUNCH=jit`` (``fast`` by default; read at
-import; or ``launcher.ENABLED = False``), a call takes ``kernel[grid]``.
+The key is checked once per process against Triton's own specializer (``key_is_exact``). Where it
+disagrees, where Triton lacks what is used here, under the interpreter, with run hooks, for argument
+types the key does not cover, or with ``XENT_TRITON_LAUNCH=jit`` (``fast`` by default; read at import;
+or ``launcher.ENABLED = False``), a call takes ``kernel[grid]``. Each kept kernel stays referenced, with
+its loaded module, for the life of the process, as in Triton's own per-device cache: one per
+specialization met.
 """
 import os
 
