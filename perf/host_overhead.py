@@ -5,8 +5,10 @@
 For each shape and label kind it times a forward and a training step (forward + backward of the mean
 loss) of: torch eager (F.cross_entropy), xent_triton as shipped ("direct": eager calls skip the
 dispatcher, ops._direct), the same with every kernel launched by Triton's own ``fn[grid]`` instead of
-xent_triton.launcher ("direct_triton_launch"), and xent_triton through the torch.library custom ops
-("dispatcher", the path torch.compile and tensor subclasses take). Two numbers per row:
+xent_triton.launcher ("direct_triton_launch"), the same without call plans ("direct_general": every
+call checks its arguments and chooses its launches again; xent_triton/call_plans.py), and xent_triton
+through the torch.library custom ops ("dispatcher", the path torch.compile and tensor subclasses take).
+Two numbers per row:
 
 * host_us: CPU wall time per call of a loop of 50 calls that does not wait for the GPU (best of 5); on
   small problems it is the time a training loop sees. Where the GPU is slower, the loop can still
@@ -21,14 +23,15 @@ It ends with a cProfile of xent_triton's step at the smallest shape: where the h
 Without CUDA (``--stubbed``, the default there) it times the package's own host work instead: the
 Triton backend's host code on CPU tensors with every kernel launch replaced by a recorder, so neither
 Triton's launcher nor any kernel runs, and counts the torch ops and launches of one step. That part
-of the host time, and its op count, can be compared before and after a change on any machine.
+of the host time, and its op count, can be compared before and after a change on any machine. Each
+call is timed without call plans ("general") and with them ("planned"), the two taking turns.
 
 ``--stubbed-driver`` keeps Triton's launch path in it: the kernels are compiled for sm_90 (no GPU
 needed) and every launch goes through Triton's Python launch code; only the CUDA driver is a stand-in
-(module loading and the C launcher do nothing). Each call is timed twice: launched by Triton's
-``JITFunction.run`` (argument binding, specialization and the cache lookup on every call; "triton")
-and by xent_triton.launcher as shipped ("launcher"). The difference from ``--stubbed`` is the Python
-cost of the launches.
+(module loading and the C launcher do nothing). Each call is timed three ways, taking turns: launched
+by Triton's ``JITFunction.run`` (argument binding, specialization and the cache lookup on every call;
+"triton_launch"), by xent_triton.launcher without call plans ("no_plans"), and as shipped ("shipped").
+The difference from ``--stubbed`` is the Python cost of the launches.
 """
 import argparse
 import cProfile
@@ -163,9 +166,11 @@ def stubbed(out_dir, reps=200, driver=False):
         for name in dir(triton_backend):
             if name.endswith("_kernel"):
                 setattr(triton_backend, name, Stub(name))
-    from xent_triton import launcher
-    # With the stand-in driver, Triton's own launch path (fn[grid]) against xent_triton.launcher's.
-    launch_modes = (("triton", False), ("launcher", True)) if driver else (("stubbed", launcher.ENABLED),)
+    from xent_triton import call_plans, launcher
+    # (name, launches through xent_triton.launcher, call plans on). With the stand-in driver, Triton's own
+    # launch path (fn[grid]) against xent_triton.launcher's; stubbed, the general path against call plans.
+    launch_modes = ((("triton_launch", False, True), ("no_plans", True, False), ("shipped", True, True)) if driver
+                    else (("general", launcher.ENABLED, False), ("planned", launcher.ENABLED, True)))
     torch.set_num_threads(1)
 
     def best_us(fn):
@@ -175,7 +180,7 @@ def stubbed(out_dir, reps=200, driver=False):
             fn()
         best = {}
         for i in range(3 * TRIES * len(launch_modes)):
-            launch, launcher.ENABLED = launch_modes[i % len(launch_modes)]
+            launch, launcher.ENABLED, call_plans.ENABLED = launch_modes[i % len(launch_modes)]
             fn()
             t0 = time.perf_counter()
             for _ in range(reps):
@@ -214,12 +219,12 @@ def stubbed(out_dir, reps=200, driver=False):
                 x.grad = None
                 xent_triton.cross_entropy(x, target).backward()
 
-            for (pass_name, fn), (launch, enabled) in itertools.product((("forward", fwd), ("step", step)),
-                                                                         launch_modes):
+            for (pass_name, fn), (launch, enabled, planned) in itertools.product((("forward", fwd), ("step", step)),
+                                                                                  launch_modes):
                 if launch == launch_modes[0][0]:
                     times = best_us(fn)
                 us = times[launch]
-                launcher.ENABLED = enabled
+                launcher.ENABLED, call_plans.ENABLED = enabled, planned
                 direct = ops._direct
                 ops._direct = lambda *t: True  # the counting mode would turn the direct path off
                 try:
@@ -228,11 +233,11 @@ def stubbed(out_dir, reps=200, driver=False):
                         fn()
                 finally:
                     ops._direct = direct
-                row = dict(N=n, V=v, labels=kind, pass_=pass_name, launch=launch, host_us=round(us, 1),
+                row = dict(N=n, V=v, labels=kind, pass_=pass_name, path=launch, host_us=round(us, 1),
                            torch_ops=len(mode.names), dispatcher_calls=mode.calls, launches=len(launches),
                            launch_args=sum(a for _, a in launches), ops=" ".join(mode.names))
                 rows.append(row)
-                print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {launch:<8} {us:7.1f} us  {len(mode.names)} torch ops "
+                print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {launch:<13} {us:7.1f} us  {len(mode.names)} torch ops "
                       f"({row['ops']}; {mode.calls} dispatcher calls with views and allocations), "
                       f"{len(launches)} launches of {row['launch_args']} args")
     name = "host_stubbed_driver.csv" if driver else "host_stubbed.csv"
@@ -257,13 +262,14 @@ def main(argv=None):
     import triton
 
     import xent_triton
-    from xent_triton import launcher, ops
+    from xent_triton import call_plans, launcher, ops
 
     direct = ops._direct
-    # (eager path, launches through xent_triton.launcher): "direct_triton_launch" is the shipped path
-    # with every kernel launched by Triton's own fn[grid] instead.
-    modes = {"direct": (direct, True), "direct_triton_launch": (direct, False),
-             "dispatcher": (lambda *t: False, True)}
+    # (eager path, launches through xent_triton.launcher, call plans): "direct_triton_launch" is the shipped
+    # path with every kernel launched by Triton's own fn[grid] instead, "direct_general" without call plans
+    # (xent_triton/call_plans.py).
+    modes = {"direct": (direct, True, True), "direct_triton_launch": (direct, False, True),
+             "direct_general": (direct, True, False), "dispatcher": (lambda *t: False, True, True)}
     os.makedirs(args.out, exist_ok=True)
     rows = []
     dev = torch.device("cuda")
@@ -288,7 +294,7 @@ def main(argv=None):
 
             cases = [("torch_eager", None, torch_fwd)] + [("xt_" + m, m, xt_fwd) for m in modes]
             for name, mode, f in cases:
-                ops._direct, launcher.ENABLED = modes[mode] if mode else (direct, True)
+                ops._direct, launcher.ENABLED, call_plans.ENABLED = modes[mode] if mode else (direct, True, True)
                 try:
                     for pass_name, fn in (("forward", f), ("step", step(f))):
                         h = host_us(fn)
@@ -300,7 +306,7 @@ def main(argv=None):
                         print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {name:<20} host {h:8.1f} us   "
                               f"do_bench {g:8.1f} us" + ("" if d is None else f"   graph {d:8.1f} us"))
                 finally:
-                    ops._direct, launcher.ENABLED = direct, True
+                    ops._direct, launcher.ENABLED, call_plans.ENABLED = direct, True, True
         del x0, x, t, y
         torch.cuda.empty_cache()
 

@@ -19,6 +19,7 @@ import os
 import torch
 
 _CHOICES = ("auto", "triton", "torch")
+BACKEND_ENV = "XENT_TRITON_BACKEND"
 
 
 def interpreter_enabled() -> bool:
@@ -32,7 +33,7 @@ def triton_available() -> bool:
 
 
 def choose(device: torch.device) -> str:
-    mode = os.environ.get("XENT_TRITON_BACKEND", "auto").strip().lower()
+    mode = os.environ.get(BACKEND_ENV, "auto").strip().lower()
     if mode not in _CHOICES:
         raise ValueError(f"XENT_TRITON_BACKEND must be one of {_CHOICES}, got {mode!r}")
     if mode == "torch":

@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import call_plans
 from . import validation as v
 from . import launch_config
 from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
@@ -68,11 +69,11 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backwa
     The gradient is the exact ``softmax * sum(labels) - labels``; TensorFlow's fused kernel
     returns ``softmax - labels``, which differs when the labels do not sum to 1.
     """
-    v.check_logits(logits)
-    axis = v.normalize_axis(axis, logits.dim())
-    v.check_soft_labels(labels, logits, axis)
-    v.check_same_device(labels=labels, logits=logits)
-    v.check_classes(logits, axis)
+    if not inplace_backward:
+        planned = call_plans.softmax_cross_entropy_with_logits(labels, logits, axis)  # a signature seen before
+        if planned is not None:
+            return planned[0]
+    axis = v.check_soft_cross_entropy(labels, logits, axis)
     autocast = _autocast_on(logits)
     loss, _ = _per_row(logits, labels, None, None, axis, -100, 0.0, 0.0, None, autocast, inplace_backward)
     # Under autocast the op returns the accumulation dtype (fp64 with fp64 labels): TF's rule is fp32.
@@ -123,13 +124,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     Class indices outside ``[0, C)`` (other than ``ignore_index``) give NaN for their row
     on the Triton path and raise IndexError on the torch fallback.
     """
-    axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
-    v.check_same_device(input=input, target=target, weight=weight)
-    v.check_classes(input, axis, "input")
+    if not inplace_backward:
+        # Eager calls of a signature seen before: checks and launch choices kept from its first call.
+        planned = call_plans.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                           lse_square_scale, softcap)
+        if planned is not None:
+            return (planned[0], planned[1].detach()) if return_lse else planned[0]
+    axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, softcap)
     C = input.shape[axis]
-    v.check_weight(weight, C)
-    v.check_options(reduction, label_smoothing, softcap)
-
     autocast = _autocast_on(input)
     labels, index_target = (None, target) if hard else (target, None)
     # The per-row loss accumulates in the logits' and labels' precision (fp32, or fp64), not the weights'.
@@ -152,16 +154,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     return (loss, lse.detach()) if return_lse else loss
 
 
-def _takes_fused_step(input, soft_target, n_rows, V, reduction, inplace_backward) -> bool:
+def _takes_fused_step(input, soft_target, n_rows, V, reduction, inplace_backward, call_state=True) -> bool:
     """The fused step (dlogits written by the forward) pays off only when the upstream gradient is
     known in advance (a reduced loss), and runs in eager mode only: a compiled graph gets the
-    two custom ops, which it can schedule and capture freely."""
+    two custom ops, which it can schedule and capture freely. ``call_state=False`` leaves out what
+    can change between calls of one signature (torch.compile, saved-tensor hooks): whether the step
+    could be taken (call_plans)."""
     launch_config.fused_step_mode()  # a bad XENT_TRITON_FUSED_STEP raises on every call, not only here
     if reduction == "none" or inplace_backward or not (torch.is_grad_enabled() and input.requires_grad):
         return False
     if soft_target is not None and soft_target.requires_grad:
         return False
-    if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+    if call_state and (torch.compiler.is_compiling() or _saved_tensor_hooks_active()):
         return False
     return launch_config.use_fused_step(n_rows, V, input.element_size(), input.device, hard=soft_target is None)
 

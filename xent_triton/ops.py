@@ -209,6 +209,37 @@ class _ForwardFunction(torch.autograd.Function):
         return _backward(ctx, *grads)
 
 
+class _PlannedForwardFunction(torch.autograd.Function):
+    """``_ForwardFunction`` for a call signature seen before: the per-row (loss, lse, qsum) through its
+    call_plans.RowPlan, whose metadata and launches were worked out once. Five arguments, not twelve:
+    Function.apply walks them on every call."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, target, weight, plan):
+        loss, lse, qsum = plan.forward(logits, labels, target, weight)
+        ctx.save_for_backward(logits, labels, target, weight, lse, qsum)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse, qsum)
+        ctx.set_materialize_grads(False)
+        return loss, lse, qsum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse, _grad_qsum):
+        _refuse_double_backward()
+        need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None or not (need_dx or need_dy):
+            return (None,) * 5
+        logits, labels, target, weight, lse, qsum = ctx.saved_tensors
+        plan = ctx.plan
+        if _direct(grad_loss, logits, labels, target, weight, lse, qsum):
+            dlogits, dlabels = plan.backward(grad_loss, logits, labels, target, weight, lse, qsum, need_dx, need_dy,
+                                             None)
+        else:  # compiled autograd, fake tensors and subclasses need the custom op
+            dlogits, dlabels = backward(grad_loss, logits, labels, target, weight, lse, qsum, plan.axis,
+                                        *plan.options, need_dx, need_dy)
+        return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None
+
+
 class _ReducedFunction(torch.autograd.Function):
     """``mean`` or ``sum`` of the per-row loss, cast to the result dtype, as one autograd node (direct calls).
 
@@ -220,18 +251,25 @@ class _ReducedFunction(torch.autograd.Function):
     rounded as torch's division (kernels/row_math.divided_grad): the same gradient bits as the
     composition, which the custom ops still use (torch.compile fuses those small ops itself; compiled
     autograd gets it from backward).
+
+    ``params`` is (axis, ignore_index, label_smoothing, lse_square_scale, softcap, reduction, out_dtype), one
+    argument rather than seven: Function.apply walks its arguments on every call. ``plan``, when given, is
+    the call signature's call_plans.RowPlan: the row view's metadata and launches worked out once.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
-                reduction, denom, out_dtype):
-        loss, lse, qsum = _forward_impl(logits, labels, target, weight, axis, ignore_index, label_smoothing,
-                                        lse_square_scale, softcap, True)
+    def forward(ctx, logits, labels, target, weight, params, denom, plan=None):
+        axis, ignore_index, label_smoothing, lse_square_scale, softcap, reduction, out_dtype = params
+        if plan is None:
+            loss, lse, qsum = _forward_impl(logits, labels, target, weight, axis, ignore_index, label_smoothing,
+                                            lse_square_scale, softcap, True)
+        else:
+            loss, lse, qsum = plan.forward(logits, labels, target, weight)
         total = reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype)
         dev_denom = denom if isinstance(denom, Tensor) else None
         ctx.save_for_backward(logits, labels, target, weight, lse, qsum, dev_denom)
         ctx.host_denom = denom if dev_denom is None else None
-        ctx.params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
+        ctx.params, ctx.plan = params, plan
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return total, lse
@@ -241,14 +279,14 @@ class _ReducedFunction(torch.autograd.Function):
         _refuse_double_backward()
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad is None or not (need_dx or need_dy):
-            return (None,) * 12
+            return (None,) * 7
         logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
-        inputs = (logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy)
         direct = _direct(grad, logits, labels, target, weight, lse, qsum, dev_denom)
+        inputs = (logits, labels, target, weight, lse, qsum, *ctx.params[:5], need_dx, need_dy)
         if direct and ctx.host_denom is None:
             # The one-element gradient as it is: the backends read it for every row (zero strides), and
             # divide it by a device denominator themselves.
-            dlogits, dlabels = _backward_rows(grad, *inputs, denom=dev_denom)
+            g, denom = grad, dev_denom
         else:
             # The composition's gradient: autograd's cast, then its division. A row count (probabilities) is a
             # host number, which autograd on CUDA divides by as a multiply by its reciprocal, not the
@@ -257,8 +295,15 @@ class _ReducedFunction(torch.autograd.Function):
             denom = dev_denom if dev_denom is not None else ctx.host_denom
             if denom is not None:
                 g = divide(g, denom)
-            dlogits, dlabels = _backward_rows(g, *inputs) if direct else backward(g.expand(lse.shape), *inputs)
-        return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
+            if not direct:
+                dlogits, dlabels = backward(g.expand(lse.shape), *inputs)
+                return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None, None, None
+            denom = None
+        if ctx.plan is not None:
+            dlogits, dlabels = ctx.plan.backward(g, logits, labels, target, weight, lse, qsum, need_dx, need_dy, denom)
+            return dlogits, dlabels, None, None, None, None, None
+        dlogits, dlabels = _backward_rows(g, *inputs, denom=denom)
+        return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None, None, None
 
 
 def _backward_inplace_impl(
@@ -407,8 +452,8 @@ def forward_reduced(logits, labels, target, weight, axis, ignore_index, label_sm
 
     ``denom`` is the ``mean``'s denominator (reduction.mean_denominator), None for ``sum``."""
     if _direct(logits, labels, target, weight, denom if isinstance(denom, Tensor) else None):
-        return _ReducedFunction.apply(logits, labels, target, weight, axis, ignore_index, label_smoothing,
-                                      lse_square_scale, softcap, reduction, denom, out_dtype)
+        return _ReducedFunction.apply(logits, labels, target, weight, (axis, ignore_index, label_smoothing,
+                                      lse_square_scale, softcap, reduction, out_dtype), denom)
     loss, lse, _qsum = forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                                softcap, True)
     return reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype), lse

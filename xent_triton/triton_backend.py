@@ -4,6 +4,8 @@ No host syncs and no data-dependent allocation happen here, so both passes
 can be captured in CUDA graphs.
 """
 import struct
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton.language as tl
@@ -97,25 +99,47 @@ def _row_outputs(rows: Rows, loss_dtype: torch.dtype):
             new_output((rows.n_rows,), rows.acc, dev))
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """The launches of a forward, as far as the row view's metadata and the options decide them (not its
+    tensors' addresses): worked out once per call signature by call_plans, or per call."""
+    loss_dtype: torch.dtype
+    options: tuple  # ignore_index and the float options (_options)
+    rows_tile: Optional[launch_config.RowsLaunch]  # the short-row kernel's tiles, or None
+    launch: Optional[launch_config.Launch]  # the row kernel's launch, or None
+    flags: dict  # constexpr flags of every kernel
+
+
+def forward_plan(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
+                 loss_dtype: torch.dtype) -> ForwardPlan:
+    n, V, dev = rows.n_rows, rows.n_cols, rows.logits.device
+    short = launch_config.rows_launch(n, V, dev, hard_forward=rows.target is not None) if n else None
+    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev) if n and short is None else None
+    return ForwardPlan(loss_dtype, _options(ignore_index, smoothing, z_scale, softcap), short, cfg,
+                       dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0))
+
+
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
             loss_dtype: torch.dtype):
     """Per-row loss, lse and label mass sum(q)."""
-    dev = rows.logits.device
-    n, V = rows.n_rows, rows.n_cols
-    loss, lse, qsum = _row_outputs(rows, loss_dtype)
+    return run_forward(forward_plan(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype), rows)
+
+
+def run_forward(plan: ForwardPlan, rows: Rows):
+    """``forward`` with its launches planned (``forward_plan`` of this row view's metadata)."""
+    loss, lse, qsum = _row_outputs(rows, plan.loss_dtype)
+    n = rows.n_rows
     if n == 0:
         return loss, lse, qsum
-    flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0)
-    inputs, options = _inputs(rows), _options(ignore_index, smoothing, z_scale, softcap)
-    short = launch_config.rows_launch(n, V, dev, hard_forward=rows.target is not None)
+    inputs, options, flags, short = _inputs(rows), plan.options, plan.flags, plan.rows_tile
     if short is not None:
         xent_rows_forward_kernel[(launch_config.cdiv(n, short.rows),)](
             *inputs, loss, lse, qsum, *_row_geometry(rows), *options,
             ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )
         return loss, lse, qsum
-    cfg = launch_config.forward_launch(n, V, rows.logits.element_size(), dev)
-    part = new_output((5, n, cfg.split), rows.acc, dev) if cfg.split > 1 else lse
+    cfg = plan.launch
+    part = new_output((5, n, cfg.split), rows.acc, rows.logits.device) if cfg.split > 1 else lse
     xent_forward_kernel[(n, cfg.split)](
         *inputs, loss, lse, qsum, part, *_row_geometry(rows), cfg.cols_per_prog, *options,
         SPLIT=cfg.split, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides), BLOCK=cfg.block,
@@ -181,6 +205,28 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     return loss, lse, qsum, wrote
 
 
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The launches of a backward, as far as metadata decides them (see ForwardPlan)."""
+    options: tuple
+    rows_tile: Optional[launch_config.RowsLaunch]
+    launch: Optional[launch_config.Launch]
+    flags: dict
+
+
+def backward_plan(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float, need_dx: bool,
+                  need_dy: bool, divide: bool = False, skip_scaled: bool = False) -> BackwardPlan:
+    """``need_dx``/``need_dy``: whether a dlogits/dlabels buffer is given; ``divide``: whether a
+    denominator is; ``skip_scaled``: whether it finishes a fused step (a skip_scale is given)."""
+    n, V, dev = rows.n_rows, rows.n_cols, rows.logits.device
+    flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0, NEED_DX=need_dx, NEED_DY=need_dy,
+                 DIVIDE=divide)
+    # After a fused step the per-row kernel runs: it skips whole rows.
+    short = launch_config.rows_launch(n, V, dev) if n and not skip_scaled else None
+    cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), dev) if n and short is None else None
+    return BackwardPlan(_options(ignore_index, smoothing, z_scale, softcap), short, cfg, flags)
+
+
 def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
     """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None).
@@ -192,7 +238,15 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     they are. ``denom``: a one-element tensor the upstream gradient is divided by first (a ``mean``'s
     denominator). ``grad`` may be 0-dim (a reduced loss's): every row reads it.
     """
-    n, V = rows.n_rows, rows.n_cols
+    plan = backward_plan(rows, ignore_index, smoothing, z_scale, softcap, dx_buf is not None, dy_buf is not None,
+                         denom is not None, skip_scale is not None)
+    run_backward(plan, rows, grad, lse, qsum, dx_buf, dy_buf, skip_scale, written, denom)
+
+
+def run_backward(plan: BackwardPlan, rows: Rows, grad: torch.Tensor, lse, qsum, dx_buf, dy_buf, skip_scale=None,
+                 written=None, denom=None):
+    """``backward`` with its launches planned (``backward_plan`` of the same metadata and buffers)."""
+    n = rows.n_rows
     if n == 0:
         return
     if grad.dim() == 0:
@@ -205,18 +259,14 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
                 dx_buf if dx_buf is not None else rows.logits,
                 *(_row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)),
                 dy_buf if dy_buf is not None else rows.logits)
-    options = _options(ignore_index, smoothing, z_scale, softcap)
-    flags = dict(_flags(rows, smoothing, softcap), HAS_Z=z_scale != 0.0, NEED_DX=dx_buf is not None,
-                 NEED_DY=dy_buf is not None, DIVIDE=denom is not None)
-    # After a fused step (skip_scale) the per-row kernel runs: it skips whole rows.
-    short = launch_config.rows_launch(n, V, rows.logits.device) if skip_scale is None else None
+    options, flags, short = plan.options, plan.flags, plan.rows_tile
     if short is not None:
         xent_rows_backward_kernel[(launch_config.cdiv(n, short.rows),)](
             *operands, *_row_geometry(rows), *options,
             ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )
         return
-    cfg = launch_config.backward_launch(n, V, rows.logits.element_size(), rows.logits.device)
+    cfg = plan.launch
     fused = (skip_scale, written, step_policy(rows.logits.device)) if skip_scale is not None else (lse,) * 3
     xent_backward_kernel[(n, cfg.split)](
         *operands, *fused, *_row_geometry(rows)[1:], cfg.cols_per_prog, *options,

@@ -115,3 +115,23 @@ def check_cross_entropy_target(input, target, ignore_index):
         # torch raises the same error (RuntimeError) for probability targets.
         raise RuntimeError(f"ignore_index is not supported for floating point target (got {ignore_index})")
     return axis, hard
+
+
+def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, softcap):
+    """Every argument check of ``cross_entropy``: returns (class axis, whether target holds class indices)."""
+    axis, hard = check_cross_entropy_target(input, target, ignore_index)
+    check_same_device(input=input, target=target, weight=weight)
+    check_classes(input, axis, "input")
+    check_weight(weight, input.shape[axis])
+    check_options(reduction, label_smoothing, softcap)
+    return axis, hard
+
+
+def check_soft_cross_entropy(labels, logits, axis):
+    """Every argument check of ``softmax_cross_entropy_with_logits``: returns the non-negative class axis."""
+    check_logits(logits)
+    axis = normalize_axis(axis, logits.dim())
+    check_soft_labels(labels, logits, axis)
+    check_same_device(labels=labels, logits=logits)
+    check_classes(logits, axis)
+    return axis
