@@ -33,24 +33,47 @@ class _Unkeyed(Exception):
     """A call the key does not cover: it takes Triton's own path."""
 
 
+def _int_key(a):
+    if a == 1:
+        return 1  # Triton makes a 1 a compile-time constant
+    if -_I32 <= a < _I32:
+        return 0, a % 16 == 0
+    if -_I64 <= a < _I64:
+        return 1, a % 16 == 0
+    if _I64 <= a < 2 * _I64:
+        return 2, a % 16 == 0
+    raise _Unkeyed
+
+
+_INT_KEYS = {}  # int -> _int_key: a launch's integers (sizes, strides, options) repeat from call to call
+_MAX_INT_KEYS = 4096
+
+
+def _args_key(args):
+    """What Triton's specialization of each runtime argument depends on (one loop, not a call per
+    argument: a launch has 25-50 of them)."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            k = _INT_KEYS.get(a)
+            if k is None:
+                k = _int_key(a)
+                if len(_INT_KEYS) < _MAX_INT_KEYS:
+                    _INT_KEYS[a] = k
+        elif t is float or t is bool or a is None:
+            k = t
+        elif isinstance(a, torch.Tensor):
+            k = a.dtype, a.data_ptr() % 16 == 0
+        else:
+            raise _Unkeyed
+        key.append(k)
+    return tuple(key)
+
+
 def _arg_key(a):
     """What Triton's specialization of one runtime argument depends on."""
-    t = type(a)
-    if t is int:
-        if a == 1:
-            return 1  # Triton makes a 1 a compile-time constant
-        if -_I32 <= a < _I32:
-            return 0, a % 16 == 0
-        if -_I64 <= a < _I64:
-            return 1, a % 16 == 0
-        if _I64 <= a < 2 * _I64:
-            return 2, a % 16 == 0
-        raise _Unkeyed
-    if t is float or t is bool or a is None:
-        return t
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    raise _Unkeyed
+    return _args_key((a,))[0]
 
 
 def _probes():
@@ -130,7 +153,7 @@ class Launcher:
         if hooked:
             return self._through_triton(grid, args, kwargs)
         try:
-            key = (tuple([_arg_key(a) for a in args]), tuple(kwargs.items()), _knob_state(knobs))
+            key = (_args_key(args), tuple(kwargs.items()), _knob_state(knobs))
         except _Unkeyed:
             return self._through_triton(grid, args, kwargs)
         driver = self._driver.active
