@@ -216,6 +216,18 @@ def target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing,
 
 
 @triton.jit
+def tie_to_logits(q, x):
+    """``q`` itself, as a value that depends on the logits ``x`` of the same lanes.
+
+    Class indices' q depends on no load of its block. Summed on its own (sum(q), its nonzero count),
+    Triton gave it a register layout of its own: q computed twice, its sums reduced across threads
+    and moved between layouts through shared memory, every block (sm_90 code, perf/NOTES.md P21).
+    Tied to the logits it takes their layout. A NaN logit's lane gets q = 0: its row's sum of exp,
+    lse and loss are NaN anyway."""
+    return tl.where(x == x, q, 0.0)
+
+
+@triton.jit
 def dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP: tl.constexpr):
     """g * (softmax * coef - q) for one block, times the softcap's chain rule (th = tanh(x_raw / c))."""
     # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, load_logits, row_target, same_run,
-                       target_mass, to_store)
+                       target_mass, tie_to_logits, to_store)
 
 
 @triton.jit
@@ -39,6 +39,8 @@ def _stats_block(m, s, d, qsum, nnz, x_ptrs, y_ptrs, W, cols, cmask, n_classes, 
     if LABELS:
         q = target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
                         ACC, EVICT, FULL)
+        if HARD:
+            q = tie_to_logits(q, x)
         m_new, s, shift = _online_max_sumexp(m, s, x)
         # d is 0 or -inf (label mass on -inf logits) while s == 0, which the zero shift leaves as it is.
         # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.

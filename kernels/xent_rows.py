@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .row_math import (divided_grad, f64_param, finalize_row, grad_block, grad_coef, load_logits, row_target,
-                       target_mass, to_store)
+                       target_mass, tie_to_logits, to_store)
 
 
 @triton.jit
@@ -62,17 +62,33 @@ def xent_rows_forward_kernel(
     cmask = (cols < V) & active[:, None]
     x = load_logits(X + (outer * sx_outer + inner * sx_inner)[:, None] + cols, cmask, softcap, SOFTCAP, ACC, "",
                     False)
-    q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols, W, cols, cmask, n_classes,
-                    t[:, None], tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "", False)
     # The max with -inf replaced by 0, so that exp(x - m) never computes -inf - (-inf).
     m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
     x_rel = x - m[:, None]
     s = tl.sum(tl.exp(x_rel), axis=1)
-    # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
-    d = tl.sum(tl.where(q != 0, q * x_rel, 0.0), axis=1)
-    nnz = tl.sum(tl.where(q != 0, 1.0, 0.0), axis=1)
-    loss, lse, qsum = finalize_row(m, s, d, tl.sum(q, axis=1), nnz, active, valid, z_scale, HAS_Z)
+    if HARD and not SMOOTH:
+        # q is tw in the target column and 0 elsewhere. Built and summed as a tile, it depended on no
+        # load of the tile, and Triton gave it a layout of its own: q computed twice, its sums reduced
+        # across all 16 warps through shared memory, three layout conversions (sm_90 code: 93 warp
+        # shuffles against the soft kernel's 35; perf/NOTES.md P21). The target's logit is picked out of
+        # the loaded tile instead, a reduction in the logits' own layout.
+        mine = active & (tw != 0)
+        x_t = tl.sum(tl.where(cols == tl.where(mine, t, -1).to(tl.int32)[:, None], x_rel, 0.0), axis=1)
+        d = tl.where(mine, tw * x_t, 0.0)
+        nnz = tl.where(mine, 1.0, 0.0)
+        qsum = tl.where(mine, tw, 0.0)
+    else:
+        q = target_mass(Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols, W, cols, cmask, n_classes,
+                        t[:, None], tw[:, None], active[:, None], smoothing, HARD, HAS_WEIGHT, SMOOTH, ACC, "",
+                        False)
+        if HARD:
+            q = tie_to_logits(q, x)
+        # A zero label never multiplies its logit, so 0 * -inf cannot make a NaN.
+        d = tl.sum(tl.where(q != 0, q * x_rel, 0.0), axis=1)
+        nnz = tl.sum(tl.where(q != 0, 1.0, 0.0), axis=1)
+        qsum = tl.sum(q, axis=1)
+    loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
     tl.store(LOSS + row, to_store(loss, LOSS), mask=row_ok)
     tl.store(LSE + row, lse, mask=row_ok)
     tl.store(QSUM + row, qsum, mask=row_ok)

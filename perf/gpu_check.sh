@@ -16,19 +16,21 @@
 #                                       # before and after perf/NOTES.md P16, and pipelined (P17), in one run
 #                                       # (writes loop_ab.csv), and perf/split_probe.py (~30 s): the few-row
 #                                       # forward split or one pipelined program per row (P18, split_probe.csv)
+#   bash perf/gpu_check.sh --smooth ...   # also the class-index forward and step with and without label
+#                                       # smoothing (perf/NOTES.md P21; ~1 min): $OUT/smooth_0/, smooth_0.1/
 #
 # Environment: OUT (output folder; the device tool sets it; default /tmp/xent_gpu_check),
 #   PYTEST_TIMEOUT_S (default 270), PYTEST_PER_TEST_S (150), PYTEST_WORKERS (12),
 #   XENT_HYPOTHESIS_EXAMPLES (12 here), SWEEP_TIMEOUT_S (default 220 quick / 520 full),
 #   SWEEP_ARGS (extra arguments for perf.sweep, e.g. "--dtypes bf16,fp16"), LINEAR_TIMEOUT_S (220),
-#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), AB_TIMEOUT_S (200), SPLIT_TIMEOUT_S (90),
+#   HOST_TIMEOUT_S (120), ROWS_TIMEOUT_S (90), AB_TIMEOUT_S (200), SPLIT_TIMEOUT_S (90), SMOOTH_TIMEOUT_S (90),
 #   TUNE_TIMEOUT_S (520; 320 with --tune-quick).
 # Writes into $OUT: pytest.log, sweep.log, and from the sweep sweep.csv, sweep.md, log.txt, pct_of_copy.png,
 # speedup_vs_compile.png (and the other stages' files). The device tool returns at most 8 files: past 8,
 # everything is packed into $OUT/bundle.tar.gz and only the summaries stay beside it.
 # Exit status: 0 all good; bit 1 set when the tests failed (or found none, or timed out); bit 2 set when the
-# sweep, linear_bench, host_overhead, loop_ab, split_probe or the quick tuning failed, or the sweep had a FAIL/ERROR row. The sweep
-# runs even when the tests fail.
+# sweep, linear_bench, host_overhead, loop_ab, split_probe, the smoothing sweeps or the quick tuning failed, or the
+# sweep had a FAIL/ERROR row. The sweep runs even when the tests fail.
 set -uo pipefail
 
 OUT="${OUT:-/tmp/xent_gpu_check}"
@@ -36,7 +38,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2   # the repository root
 
-FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; ROWS=0; TUNE_QUICK=0; AB=0
+FULL=0; RUN_TESTS=1; RUN_SWEEP=1; TUNE=0; LINEAR=0; HOST=0; ROWS=0; TUNE_QUICK=0; AB=0; SMOOTH=0
 for a in "$@"; do
   case "$a" in
     --full) FULL=1 ;;
@@ -47,8 +49,9 @@ for a in "$@"; do
     --host) HOST=1 ;;
     --rows) ROWS=1 ;;
     --ab) AB=1 ;;
+    --smooth) SMOOTH=1 ;;
     --tune-quick) TUNE_QUICK=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -153,12 +156,22 @@ stage() {
 }
 
 # (c') host time of small problems; device time of the short-row kernels
-HOST_RC=-1; ROWS_RC=-1; AB_RC=-1; SPLIT_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1
+HOST_RC=-1; ROWS_RC=-1; AB_RC=-1; SPLIT_RC=-1; TUNEQ_RC=-1; LINEAR_RC=-1; SWEEP_RC=-1; SMOOTH_RC=-1
 if [ "$HOST" = 1 ]; then stage host.log "${HOST_TIMEOUT_S:-120}" perf.host_overhead --out "$OUT"; HOST_RC=$STAGE_RC; fi
 if [ "$ROWS" = 1 ]; then stage rows_probe.log "${ROWS_TIMEOUT_S:-90}" perf.rows_probe --out "$OUT"; ROWS_RC=$STAGE_RC; fi
 if [ "$AB" = 1 ]; then
   stage loop_ab.log "${AB_TIMEOUT_S:-200}" perf.loop_ab --out "$OUT"; AB_RC=$STAGE_RC
   stage split_probe.log "${SPLIT_TIMEOUT_S:-90}" perf.split_probe --out "$OUT"; SPLIT_RC=$STAGE_RC
+fi
+if [ "$SMOOTH" = 1 ]; then
+  # The class-index loop with label smoothing (perf/NOTES.md P21) against the same rows without it.
+  SMOOTH_RC=0
+  for eps in 0 0.1; do
+    stage "smooth_$eps.log" "${SMOOTH_TIMEOUT_S:-90}" perf.sweep --points 8192x32000,8192x128256 --labels hard \
+      --dtypes bf16 --methods xent_triton --passes forward,step --label-smoothing "$eps" --no-plots \
+      --out "$OUT/smooth_$eps"
+    [ "$STAGE_RC" = 0 ] || SMOOTH_RC=$STAGE_RC
+  done
 fi
 
 # (c'') quick tile tuning, whose table this run's sweep then uses
@@ -199,6 +212,7 @@ fi
 [ "$HOST" = 1 ] && echo "host_overhead: rc $HOST_RC"
 [ "$ROWS" = 1 ] && echo "rows_probe: rc $ROWS_RC"
 [ "$AB" = 1 ] && echo "loop_ab: rc $AB_RC; split_probe: rc $SPLIT_RC"
+[ "$SMOOTH" = 1 ] && echo "label smoothing sweeps: rc $SMOOTH_RC"
 [ "$TUNE_QUICK" = 1 ] && echo "tune --quick: rc $TUNEQ_RC"
 if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
   # The device tool returns 8 files at most: pack them all, keep the summaries readable beside the pack.
@@ -222,4 +236,5 @@ if [ "$HOST" = 1 ] && [ "$HOST_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$ROWS" = 1 ] && [ "$ROWS_RC" != 0 ]; then RC=$((RC | 2)); fi
 if [ "$AB" = 1 ] && { [ "$AB_RC" != 0 ] || [ "$SPLIT_RC" != 0 ]; }; then RC=$((RC | 2)); fi
 if [ "$TUNE_QUICK" = 1 ] && [ "$TUNEQ_RC" != 0 ]; then RC=$((RC | 2)); fi
+if [ "$SMOOTH" = 1 ] && [ "$SMOOTH_RC" != 0 ]; then RC=$((RC | 2)); fi
 exit "$RC"

@@ -267,9 +267,11 @@ class Losses:
     its own static graph, as a training loop with fixed shapes would).
     """
 
-    def __init__(self, liger_cls):
+    def __init__(self, liger_cls, smoothing: float = 0.0):
         self.compiled: Dict[str, Callable] = {}
-        self.liger = liger_cls(reduction="sum") if liger_cls is not None else None
+        self.smoothing = smoothing  # label smoothing of the class-index rows (--label-smoothing)
+        extra = dict(label_smoothing=smoothing) if smoothing else {}
+        self.liger = liger_cls(reduction="sum", **extra) if liger_cls is not None else None
 
     def compiled_for(self, labels: str) -> Callable:
         if labels not in self.compiled:
@@ -278,21 +280,24 @@ class Losses:
 
     def get(self, method: str, labels: str) -> Callable:
         soft = labels == "soft"
+        eps = 0.0 if soft else self.smoothing
         if method == "xent_triton":
             if soft:
                 return lambda x, y: xt.softmax_cross_entropy_with_logits(y, x).sum()
-            return lambda x, t: xt.cross_entropy(x, t, reduction="sum")
+            return lambda x, t: xt.cross_entropy(x, t, reduction="sum", label_smoothing=eps)
         if method == "xent_triton_fused":
-            return _with_env(lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum"), FUSED_STEP_ENV, "1")
+            return _with_env(lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum", label_smoothing=eps),
+                             FUSED_STEP_ENV, "1")
         if method == "xent_triton_inplace":
-            return lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum", inplace_backward=True)
+            return lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum", label_smoothing=eps,
+                                                   inplace_backward=True)
         if method == "torch_eager":
-            return lambda x, tgt: F.cross_entropy(x, tgt, reduction="sum")
+            return lambda x, tgt: F.cross_entropy(x, tgt, reduction="sum", label_smoothing=eps)
         if method == "torch_seed_two_step":
             return lambda x, y: -(y * torch.log_softmax(x, -1)).sum()
         if method == "torch_compile":
             fn = self.compiled_for(labels)
-            return lambda x, tgt: fn(x, tgt, reduction="sum")
+            return lambda x, tgt: fn(x, tgt, reduction="sum", label_smoothing=eps)
         if method == "liger":
             liger = self.liger
             return lambda x, t: liger(x, t)
@@ -411,8 +416,9 @@ def check_rows(N: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference(x: torch.Tensor, tgt: torch.Tensor, labels: str, rows: torch.Tensor):
-    """float64 reference: the summed loss over all rows (chunked), and dlogits of `rows`."""
+def reference(x: torch.Tensor, tgt: torch.Tensor, labels: str, rows: torch.Tensor, smoothing: float = 0.0):
+    """float64 reference: the summed loss over all rows (chunked), and dlogits of `rows`; class indices
+    with ``smoothing`` target (1 - smoothing) one-hot + smoothing / V, as torch's label_smoothing."""
     xd = x.detach()
     N, V = xd.shape
     step = max(1, (1 << 24) // V)
@@ -423,15 +429,15 @@ def reference(x: torch.Tensor, tgt: torch.Tensor, labels: str, rows: torch.Tenso
         if labels == "soft":
             total -= (tgt[r0:r1].double() * ls).sum()
         else:
-            total -= ls.gather(1, tgt[r0:r1, None]).sum()
+            total -= (1.0 - smoothing) * ls.gather(1, tgt[r0:r1, None]).sum() + smoothing / V * ls.sum()
         del ls
     p = torch.softmax(xd[rows].double(), -1)
     if labels == "soft":
         yr = tgt[rows].double()
         g = p * yr.sum(-1, keepdim=True) - yr
     else:
-        g = p
-        g[torch.arange(len(rows), device=g.device), tgt[rows]] -= 1.0
+        g = p - smoothing / V
+        g[torch.arange(len(rows), device=g.device), tgt[rows]] -= 1.0 - smoothing
     return float(total), g
 
 
@@ -592,7 +598,7 @@ def run_block(ctx: Ctx, N: int, V: int, dname: str, labels: str, seed: int) -> s
     try:
         x, tgt = make_inputs(N, V, dtype, labels, ctx.device, seed)
         rows_idx = check_rows(N, ctx.device)
-        ref_loss, ref_g = reference(x, tgt, labels, rows_idx)
+        ref_loss, ref_g = reference(x, tgt, labels, rows_idx, ctx.losses.smoothing if labels == "hard" else 0.0)
     except torch.cuda.OutOfMemoryError as e:
         ctx.log(f"skip {N}x{V} {dname} {labels}: out of memory making inputs/reference: {str(e)[:200]}")
         x = tgt = None
@@ -964,6 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, help="do_bench rep (default 100 with --quick, else 50; CPU: perf_counter budget, 50)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the class-index rows, for every method that has it (default 0)")
     p.add_argument("--cpu-all-methods", action="store_true",
                    help="CPU mode only: run every method and pass (torch.compile included) on the tiny CPU "
                         "grid, to exercise the GPU code path's logic; the timings mean nothing")
@@ -1072,8 +1080,12 @@ def main(argv=None) -> int:
     csv_file = open(csv_path, "w", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
     writer.writeheader()
-    ctx = Ctx(cuda, device, gpu, timer, log, Losses(liger_cls), methods, passes, copy_gbps, [], writer,
-              csv_file, set())
+    if args.label_smoothing:
+        if "torch_seed_two_step" in methods:
+            methods.remove("torch_seed_two_step")  # soft labels only; it has no smoothing anyway
+        meta.append(f"class-index rows with label_smoothing={args.label_smoothing:g} (soft rows without)")
+    ctx = Ctx(cuda, device, gpu, timer, log, Losses(liger_cls, args.label_smoothing), methods, passes, copy_gbps,
+              [], writer, csv_file, set())
 
     blocks = [(N, V, d, lab) for (N, V) in points for d in dtypes for lab in labels_kinds]
     deadline = started + guard * 60.0

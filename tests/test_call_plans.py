@@ -153,6 +153,13 @@ def test_planned_launches_equal_general(device, monkeypatch, split):
          {}),
         (lambda: rand_logits((5, 300), torch.float16, device),
          lambda: rand_probs((5, 300), torch.float16, device, requires_grad=True), dict(lse_square_scale=1e-3)),
+        # The per-row loss (ops._PlannedForwardFunction), the TF API with two batch dims, the row tiles.
+        (lambda: rand_logits((9, 300), torch.bfloat16, device), lambda: torch.randint(0, 300, (9,), device=device),
+         dict(reduction="none", label_smoothing=0.1)),
+        (lambda: rand_logits((2, 3, 300), torch.float32, device),
+         lambda: rand_probs((2, 3, 300), torch.float32, device, requires_grad=True), dict(api="tf")),
+        (lambda: rand_logits((600, 64), torch.bfloat16, device), lambda: rand_probs((600, 64), torch.bfloat16, device),
+         {}),
     ]
     for make_x, make_t, kwargs in cases:
         per_path = []
@@ -161,10 +168,121 @@ def test_planned_launches_equal_general(device, monkeypatch, split):
             for repeat in range(2):  # the first call of a signature builds its plan, the second reuses it
                 x, t = make_x(), make_t()
                 log.clear()
-                xent_triton.cross_entropy(x, t, **kwargs).backward()
+                loss = _call(x, t, kwargs)
+                loss.backward(torch.randn_like(loss))
                 per_path.append(_describe(log, [x, t, kwargs.get("weight")]))
         assert per_path[0] == per_path[1] == per_path[2] == per_path[3]
         assert len(per_path[0]) >= 2  # a forward and a backward
+
+
+def _call(x, t, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.pop("api", None) == "tf":
+        return xent_triton.softmax_cross_entropy_with_logits(t, x)
+    return xent_triton.cross_entropy(x, t, **kwargs)
+
+
+def _launches_both_paths(monkeypatch, log, calls):
+    """The recorded launches of ``calls()`` (a list of launch logs it returns) with call plans and without."""
+    out = []
+    for enabled in (True, False):
+        call_plans.clear()
+        monkeypatch.setattr(call_plans, "ENABLED", enabled)
+        out.append(calls())
+    return out
+
+
+def test_a_signature_at_other_addresses(device, monkeypatch):
+    """One signature whose tensors sit at other 16-byte offsets (same shapes and strides): the launches'
+    alignment flags follow each call's addresses, as on the general path."""
+    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    log = []
+    _record_launches(monkeypatch, log)
+    base = rand_logits((6, 304), torch.bfloat16, device)
+    labels = rand_probs((6, 304), torch.bfloat16, device)
+
+    def calls():
+        seen = []
+        for offset in (0, 1, 0, 3):  # logits columns [offset, offset + 300) of the same storage
+            log.clear()
+            x = base[:, offset:offset + 300]
+            xent_triton.cross_entropy(x, labels[:, :300]).backward()
+            seen.append(_describe(log, [x, labels]))
+        return seen
+
+    planned, general = _launches_both_paths(monkeypatch, log, calls)
+    assert planned == general
+    flags = [dict(launch[3])["Y_ALIGNED"] for launches in planned for launch in launches
+             if launch[0] == "xent_forward_kernel"]
+    assert flags == [(bool, True), (bool, False), (bool, True), (bool, False)]
+
+
+def test_settings_changed_between_forward_and_backward(device, monkeypatch):
+    """A backward follows the launch settings and backend of its own time, as on the general path."""
+    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    log = []
+    _record_launches(monkeypatch, log)
+    x = rand_logits((64, 100), torch.float32, device)
+    t = torch.randint(0, 100, (64,), device=device)
+
+    def calls():
+        seen = []
+        for force in (None, 1, None):
+            monkeypatch.setattr(launch_config, "FORCE_ROWS", None)
+            log.clear()
+            loss = xent_triton.cross_entropy(x, t)
+            monkeypatch.setattr(launch_config, "FORCE_ROWS", force)  # between the forward and its backward
+            loss.backward()
+            seen.append(_describe(log, [x, t]))
+        return seen
+
+    planned, general = _launches_both_paths(monkeypatch, log, calls)
+    assert planned == general
+    assert [launches[-1][0] for launches in planned] == [
+        "xent_rows_backward_kernel", "xent_backward_kernel", "xent_rows_backward_kernel"]
+
+
+def test_tiles_table_swapped_or_read_again(device, monkeypatch, tmp_path):
+    """A tiles table swapped in (a function, as perf/tune_tiles.py does) or read again after
+    ``measured_tiles.cache_clear()`` gets new plans: launches follow the table in force."""
+    import json
+
+    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    log = []
+    _record_launches(monkeypatch, log)
+    x = rand_logits((300, 3000), torch.float32, device)
+    t = torch.randint(0, 3000, (300,), device=device)
+
+    def forward_tile():
+        log.clear()
+        with torch.no_grad():
+            xent_triton.cross_entropy(x, t)
+        return [dict(kw)["BLOCK"] for name, _, _, kw in log if name == "xent_forward_kernel"][0]
+
+    path = tmp_path / "tiles.json"
+    monkeypatch.setattr(launch_config, "TILES_FILE", str(path))
+    for block, warps in ((64, 1), (1024, 4), (256, 2)):
+        path.write_text(json.dumps({"tiles": {"forward": {"4": [[100000, block, warps]]}}}))
+        launch_config.measured_tiles.cache_clear()
+        assert [forward_tile() for _ in range(2)] == [block, block]
+    launch_config.measured_tiles.cache_clear()
+    monkeypatch.setattr(launch_config, "measured_tiles", lambda: {"forward": {4: [[100000, 128, 1]]}})
+    assert [forward_tile() for _ in range(2)] == [128, 128]
+    monkeypatch.undo()
+    launch_config.measured_tiles.cache_clear()
+
+
+def test_none_and_other_bad_inputs_get_the_general_paths_errors(device):
+    t = torch.randint(0, V, (4,), device=device)
+    x = rand_logits((4, V), torch.float32, device)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        xent_triton.cross_entropy(None, t)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        xent_triton.cross_entropy(x, None)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        xent_triton.softmax_cross_entropy_with_logits(rand_probs((4, V), torch.float32, device), None)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        xent_triton.softmax_cross_entropy_with_logits(None, x)
 
 
 def test_signatures_that_take_the_general_path(device, monkeypatch):
@@ -259,7 +377,7 @@ def test_plans_are_bounded(device, monkeypatch):
             xent_triton.cross_entropy(rand_logits((n, V), torch.float32, device), torch.randint(0, V, (n,),
                                                                                              device=device))
             assert len(call_plans._PLANS) <= 4
-    for plan in call_plans._PLANS.values():
+    for plan, _table in call_plans._PLANS.values():
         if plan is not None:
             held = [plan.params, plan.row_plan.geometry, plan.row_plan.options, vars(plan.row_plan.forward_plan)]
             assert not any(isinstance(a, torch.Tensor) for a in torch.utils._pytree.tree_leaves(held))

@@ -4,7 +4,7 @@ The Triton interpreter runs the kernels' logic on the CPU but not Triton's
 compiler; this compiles the real GPU code (type checks, lowering, ptxas) for
 each feature combination, so a variant that cannot compile fails in CI rather
 than on the first GPU run. The launch table's tiles must also compile without
-register spills.
+register spills, and with one register layout per tile.
 """
 import os
 import subprocess
@@ -37,7 +37,12 @@ SCRIPT = textwrap.dedent(r'''
                 sig[n] = int_type
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-        return len(k.asm["cubin"]), *resources(k.asm["cubin"]), *vectors(k.asm["ptx"])
+        return len(k.asm["cubin"]), *resources(k.asm["cubin"]), *vectors(k.asm["ptx"]), tiles(k.asm["ttgir"])
+
+    def tiles(ttgir):
+        """Distinct 2-D register layouts of the kernel's tiles (Triton's TTGIR)."""
+        import re
+        return len(set(re.findall(r"^#\w+ = #ttg\.blocked<\{sizePerThread = \[\d+, \d+\].*$", ttgir, re.M)))
 
     def vectors(ptx):
         """Vector (.v2/.v4) global loads and stores, and 16-byte asynchronous copies, in the PTX."""
@@ -69,9 +74,9 @@ SCRIPT = textwrap.dedent(r'''
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
               "step": xent_step_kernel, "rows_fwd": xent_rows_forward_kernel,
               "rows_bwd": xent_rows_backward_kernel}[kind]
-        size, local, regs, vld, vst, cp = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
+        size, local, regs, vld, vst, cp, layouts = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
         print("compiled", kind, size, "regs", regs, "max", case.get("max_regs"), "vld", vld, "vst", vst,
-              "stages", consts.get("STAGES"), "cp", cp, "local", local, flush=True)
+              "stages", consts.get("STAGES"), "cp", cp, "tiles", layouts, "local", local, flush=True)
 ''')
 
 
@@ -122,6 +127,18 @@ CASES = {
     "forward_hard_weight_only": [dict(_fwd("bf16", "bf16", "fp32", True, False),
                                       consts=dict(_fwd("bf16", "bf16", "fp32", True, False)["consts"],
                                                   HAS_WEIGHT=True))],
+    # Class indices with label smoothing alone: q depends on no load (perf/NOTES.md P21); the same in the
+    # row tiles, and the row tiles' plain class indices (which build no q).
+    "forward_hard_smoothing_only": [dict(_fwd("bf16", "bf16", "fp32", True, False),
+                                         consts=dict(_fwd("bf16", "bf16", "fp32", True, False)["consts"],
+                                                     SMOOTH=True)),
+                                    dict(_step("bf16", "bf16", "fp32", True, False, block=2048, warps=8),
+                                         consts=dict(_step("bf16", "bf16", "fp32", True, False, block=2048,
+                                                           warps=8)["consts"], SMOOTH=True))],
+    "row_tiles_hard_plain_and_smoothing": [
+        _rows("rows_fwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16),
+        dict(_rows("rows_fwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16),
+             consts=dict(_rows("rows_fwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16)["consts"], SMOOTH=True))],
     "forward_split_and_combine": [
         _fwd("bf16", "bf16", "fp32", True, True, split=8),
         dict(kind="combine", ptrs=dict(T="*i64", W="*fp32", LOSS="*bf16", LSE="*fp32", QSUM="*fp32",
@@ -203,3 +220,7 @@ def test_kernel_compiles_for_sm90(name):
             assert vld > 0 or pipelined, line
         if kind in ("bwd", "step"):
             assert vst > 0, line
+        # One register layout for a block of columns. A second one means that part of the block's math
+        # was computed apart from the logits' lanes and moved between layouts through shared memory
+        # (class indices' q before perf/NOTES.md P21: 3 conversions per block of the row loop).
+        assert int(words[words.index("tiles") + 1]) <= 1, line

@@ -13,7 +13,8 @@ about a third of that host time (perf/NOTES.md P20).
 * the option values;
 * the grad and autocast modes;
 * the environment variables that choose a path;
-* launch_config's state: the forced tiles, the SM count and the tiles table.
+* launch_config's state: the forced tiles, the SM count and the tiles table (by identity; each plan holds
+  the table it was made with, so a table read again or swapped in gets new plans).
 
 A key's first call runs the same checks and helpers as the general path and keeps their results.
 Later calls of that key only compute the mean's denominator, allocate, and launch. A call whose
@@ -21,7 +22,8 @@ signature needs the general path (see ``_cross_entropy_plan``) gets None and tak
 kept too.
 Calls that don't fit eager mode never use a plan: torch.compile, tracing, tensor subclasses,
 dispatch modes and torch.func (``ops._direct``), and tensors on a CUDA device other than the
-current one.
+current one. A backward whose backend or launch settings changed since its plan was made takes the
+general path too.
 
 A plan holds no tensor. The cache keeps at most ``MAX_PLANS`` signatures and is emptied when it
 would outgrow that, so a run whose shapes keep changing stays bounded.
@@ -62,9 +64,9 @@ class RowPlan:
     tensors as they are (class axis last with stride 1, contiguous weight, a 1-D class-index target)."""
 
     __slots__ = ("geometry", "grad_shape", "batch_shape", "axis", "options", "forward_plan", "backward_plans",
-                 "impl")
+                 "impl", "state")
 
-    def __init__(self, rows: Rows, axis: int, options, loss_dtype: torch.dtype, impl):
+    def __init__(self, rows: Rows, axis: int, options, loss_dtype: torch.dtype, impl, state):
         self.geometry = (rows.batch_shape, rows.n_rows, rows.n_inner, rows.n_cols, rows.x_strides, rows.y_strides,
                          rows.acc, rows.n_classes, rows.class_offset)
         self.grad_shape = (*rows.batch_shape, rows.n_cols)
@@ -73,6 +75,7 @@ class RowPlan:
         self.axis, self.options, self.impl = axis, options, impl
         self.forward_plan = impl.forward_plan(rows, *options, loss_dtype)
         self.backward_plans = {}
+        self.state = state  # _backend_state() when the plan was made (its table held): the backward assumes it
 
     def rows(self, logits, labels, target, weight) -> Rows:
         return Rows(logits, labels, target, weight, *self.geometry)
@@ -83,7 +86,10 @@ class RowPlan:
         return out if self.batch_shape is None else tuple(t.view(self.batch_shape) for t in out)
 
     def backward(self, grad, logits, labels, target, weight, lse, qsum, need_dx, need_dy, denom):
-        """(dlogits or None, dlabels or None), as ops' backward of the same row view gives them."""
+        """(dlogits or None, dlabels or None), as ops' backward of the same row view gives them; None where
+        the backend or launch settings changed since the plan was made (the general path then chooses)."""
+        if _backend_state()[0] != self.state[0]:
+            return None
         rows = self.rows(logits, labels, target, weight)
         which = (need_dx, need_dy, denom is not None)
         plan = self.backward_plans.get(which)
@@ -135,27 +141,35 @@ def _meta(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
-def _launch_state():
-    """What launch_config's choices depend on besides their arguments (tests and perf tools set these)."""
+def _backend_state():
+    """(state, tiles table): what the backend choice and launch_config's choices depend on besides their
+    arguments. The backend and interpreter variables; the forced tiles, SM count and tiles table that tests
+    and perf tools set. The table is keyed by identity, and each plan holds it, so that a table read again
+    (``measured_tiles.cache_clear()``) or swapped in never meets a plan made with another one."""
     lc = launch_config
-    return (lc.FORCE_SPLIT, lc.FORCE_TILE, lc.FORCE_STEP, lc.FORCE_ROWS, lc.TILES_FILE, lc._sm_count,
-            lc.measured_tiles.cache_info().misses)
+    table = lc.measured_tiles()
+    return (_ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1]), lc.FORCE_SPLIT, lc.FORCE_TILE, lc.FORCE_STEP,
+            lc.FORCE_ROWS, lc._sm_count, lc.measured_tiles, id(table)), table
 
 
-def _state(dev):
-    """Everything in a key besides the arguments: grad and autocast modes, environment, launch state."""
-    return (torch.is_grad_enabled(), torch.is_autocast_enabled(dev.type), _ENV_DATA.get(_ENV_KEYS[0]),
-            _ENV_DATA.get(_ENV_KEYS[1]), _ENV_DATA.get(_ENV_KEYS[2]), _launch_state())
-
-
-def _lookup(key, build, *args):
-    plan = _PLANS.get(key, _PLANS)
-    if plan is _PLANS:
-        plan = build(*args)
+def _lookup(key, table, build, *args):
+    """The plan kept for ``key`` (None: the general path), made by ``build(*args)`` on a miss."""
+    kept = _PLANS.get(key)
+    if kept is None:
+        kept = build(*args), table  # the plan holds the table: no other table can take its id meanwhile
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
+        _PLANS[key] = kept
+    return kept[0]
+
+
+def _key(dev, *args):
+    """A call's key: ``args`` (its tensors' metadata and options), the grad and autocast modes and the fused
+    step's variable, the backend state; and the tiles table. Raises where the call cannot be keyed."""
+    state, table = _backend_state()
+    key = (*args, torch.is_grad_enabled(), torch.is_autocast_enabled(dev.type), _ENV_DATA.get(_ENV_KEYS[2]), state)
+    hash(key)  # a setting that cannot be hashed (a list as FORCE_TILE) raises here
+    return key, table
 
 
 def _current(dev) -> bool:
@@ -166,36 +180,43 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                   softcap) -> Optional[tuple]:
     """(loss, lse) of ``functional.cross_entropy`` (without ``inplace_backward``) through its call
     signature's plan, or None where the call takes the general path."""
-    if not (ENABLED and ops._direct(input, target, weight)):
+    if not (ENABLED and input is not None and target is not None and ops._direct(input, target, weight)):
         return None
     if (type(ignore_index) is not int or type(label_smoothing) not in _OPTION_TYPES
             or type(lse_square_scale) not in _OPTION_TYPES or not (softcap is None or type(softcap) in _OPTION_TYPES)
-            or type(reduction) is not str):
-        return None  # an option the key could not hold by value (a tensor, a numpy scalar)
+            or type(reduction) is not str or lse_square_scale != lse_square_scale):
+        return None  # an option the key could not hold by value (a tensor, a numpy scalar, a NaN)
     dev = input.device
     if dev.type not in _DEVICES:
         return None
-    key = ("cross_entropy", _meta(input), _meta(target), _meta(weight), ignore_index, reduction, label_smoothing,
-           lse_square_scale, softcap, _state(dev))
-    plan = _lookup(key, _cross_entropy_plan, input, target, weight, ignore_index, reduction, label_smoothing,
-                   lse_square_scale, softcap)
+    try:
+        key, table = _key(dev, "cross_entropy", _meta(input), _meta(target), _meta(weight), ignore_index,
+                          reduction, label_smoothing, lse_square_scale, softcap)
+    except Exception:  # sparse tensors, unhashable settings, an unreadable tiles table: the general path tells
+        return None
+    plan = _lookup(key, table, _cross_entropy_plan, input, target, weight, ignore_index, reduction,
+                   label_smoothing, lse_square_scale, softcap, (key[-1], table))
     return None if plan is None or not _current(dev) else plan(input, target, weight)
 
 
 def softmax_cross_entropy_with_logits(labels, logits, axis) -> Optional[tuple]:
     """(loss, lse) of ``functional.softmax_cross_entropy_with_logits`` (without ``inplace_backward``)
     through its call signature's plan, or None where the call takes the general path."""
-    if not (ENABLED and ops._direct(labels, logits)) or type(axis) is not int:
+    if not (ENABLED and labels is not None and logits is not None and ops._direct(labels, logits)
+            and type(axis) is int):
         return None
     dev = logits.device
     if dev.type not in _DEVICES:
         return None
-    key = ("softmax_cross_entropy_with_logits", _meta(labels), _meta(logits), axis, _state(dev))
-    plan = _lookup(key, _soft_plan, labels, logits, axis)
+    try:
+        key, table = _key(dev, "softmax_cross_entropy_with_logits", _meta(labels), _meta(logits), axis)
+    except Exception:
+        return None
+    plan = _lookup(key, table, _soft_plan, labels, logits, axis, (key[-1], table))
     return None if plan is None or not _current(dev) else plan(logits, labels, None)
 
 
-def _row_plan(logits, labels, index, weight, axis, options, loss_dtype) -> Optional[RowPlan]:
+def _row_plan(logits, labels, index, weight, axis, options, loss_dtype, state) -> Optional[RowPlan]:
     """The RowPlan of a checked call, or None where the kernels are not the backend or make_rows would
     build the row view from copies, reshapes or broadcasts."""
     if backend.choose(logits.device) != "triton":
@@ -205,10 +226,11 @@ def _row_plan(logits, labels, index, weight, axis, options, loss_dtype) -> Optio
         return None
     from . import triton_backend
 
-    return RowPlan(rows, axis, options, loss_dtype, triton_backend)
+    return RowPlan(rows, axis, options, loss_dtype, triton_backend, state)
 
 
-def _cross_entropy_plan(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap):
+def _cross_entropy_plan(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                        state):
     """The plan of a ``cross_entropy`` signature, or None where it needs the general path: the fused step,
     or a row view that _row_plan refuses. Bad arguments raise as in the general path."""
     from . import functional
@@ -223,22 +245,22 @@ def _cross_entropy_plan(input, target, weight, ignore_index, reduction, label_sm
     options = (int(ignore_index), float(label_smoothing), float(lse_square_scale), float(softcap or 0.0))
     if reduction == "none":
         loss_dtype = ops.loss_dtype_of(input, autocast or out_dtype != input.dtype, labels)
-        row_plan = _row_plan(input, labels, index, weight, axis, options, loss_dtype)
+        row_plan = _row_plan(input, labels, index, weight, axis, options, loss_dtype, state)
         return None if row_plan is None else PerRowPlan(row_plan, hard, None if out_dtype == loss_dtype else out_dtype)
     if len(batch_shape(input.shape, axis)) != 1:
         return None  # (C,) input: a 0-d target
-    row_plan = _row_plan(input, labels, index, weight, axis, options, ops.loss_dtype_of(input, True, labels))
+    row_plan = _row_plan(input, labels, index, weight, axis, options, ops.loss_dtype_of(input, True, labels), state)
     return None if row_plan is None else ReducedPlan(row_plan, (axis, *options, reduction, out_dtype), hard)
 
 
-def _soft_plan(labels, logits, axis):
+def _soft_plan(labels, logits, axis, state):
     """The plan of a ``softmax_cross_entropy_with_logits`` signature (see _cross_entropy_plan)."""
     from . import functional
 
     axis = v.check_soft_cross_entropy(labels, logits, axis)
     autocast = functional._autocast_on(logits)
     loss_dtype = ops.loss_dtype_of(logits, autocast, labels)
-    row_plan = _row_plan(logits, labels, None, None, axis, (-100, 0.0, 0.0, 0.0), loss_dtype)
+    row_plan = _row_plan(logits, labels, None, None, axis, (-100, 0.0, 0.0, 0.0), loss_dtype, state)
     out_dtype = ops.loss_dtype_of(logits, autocast)
     return None if row_plan is None else PerRowPlan(row_plan, False, None if out_dtype == loss_dtype else out_dtype)
 

@@ -231,10 +231,12 @@ class _PlannedForwardFunction(torch.autograd.Function):
             return (None,) * 5
         logits, labels, target, weight, lse, qsum = ctx.saved_tensors
         plan = ctx.plan
+        planned = None
         if _direct(grad_loss, logits, labels, target, weight, lse, qsum):
-            dlogits, dlabels = plan.backward(grad_loss, logits, labels, target, weight, lse, qsum, need_dx, need_dy,
-                                             None)
-        else:  # compiled autograd, fake tensors and subclasses need the custom op
+            planned = plan.backward(grad_loss, logits, labels, target, weight, lse, qsum, need_dx, need_dy, None)
+        if planned is not None:
+            dlogits, dlabels = planned
+        else:  # the general path: compiled autograd, fake tensors and subclasses need the custom op
             dlogits, dlabels = backward(grad_loss, logits, labels, target, weight, lse, qsum, plan.axis,
                                         *plan.options, need_dx, need_dy)
         return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None
@@ -299,9 +301,10 @@ class _ReducedFunction(torch.autograd.Function):
                 dlogits, dlabels = backward(g.expand(lse.shape), *inputs)
                 return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None, None, None
             denom = None
-        if ctx.plan is not None:
-            dlogits, dlabels = ctx.plan.backward(g, logits, labels, target, weight, lse, qsum, need_dx, need_dy, denom)
-            return dlogits, dlabels, None, None, None, None, None
+        planned = None if ctx.plan is None else ctx.plan.backward(g, logits, labels, target, weight, lse, qsum,
+                                                                 need_dx, need_dy, denom)
+        if planned is not None:
+            return (*planned, None, None, None, None, None)
         dlogits, dlabels = _backward_rows(g, *inputs, denom=denom)
         return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None, None, None
 
