@@ -104,6 +104,22 @@ def test_nan_inputs(backend, device, where):
     assert math.isnan(out[3].item()) and torch.isfinite(out[:3]).all()
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("V", [64, 300])
+def test_nan_logit_with_class_indices(backend, device, V, smoothing):
+    """A NaN logit makes its row's loss NaN and leaves the other rows exact, with label smoothing too (whose
+    kernels zero the target mass of a NaN lane: kernels/row_math.tie_to_logits), in row tiles and per row."""
+    x = rand_logits((40, V), torch.float32, device, requires_grad=False)
+    x[3, 7] = float("nan")
+    t = torch.randint(0, V, (40,), device=device)
+    t[5] = -100
+    out = xent_triton.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
+    assert math.isnan(out[3].item()) and out[5].item() == 0.0
+    keep = torch.arange(40, device=device) != 3
+    ref = F.cross_entropy(x.double()[keep], t[keep], reduction="none", label_smoothing=smoothing)
+    close(out[keep], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_large_vocab_small_batch_exactness(backend, device):
     """256k classes, one row: every row statistic stays exact across many blocks."""
     x = rand_logits((1, 256000), torch.float32, device, scale=4)
