@@ -217,13 +217,17 @@ def test_a_signature_at_other_addresses(device, monkeypatch):
     assert flags == [(bool, True), (bool, False), (bool, True), (bool, False)]
 
 
-def test_settings_changed_between_forward_and_backward(device, monkeypatch):
-    """A backward follows the launch settings and backend of its own time, as on the general path."""
+def _recorded_problem(monkeypatch, device, n, v):
+    """The kernels' backend with every kernel replaced by a recorder, its log, and a class-index problem."""
     monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
     log = []
     _record_launches(monkeypatch, log)
-    x = rand_logits((64, 100), torch.float32, device)
-    t = torch.randint(0, 100, (64,), device=device)
+    return log, rand_logits((n, v), torch.float32, device), torch.randint(0, v, (n,), device=device)
+
+
+def test_settings_changed_between_forward_and_backward(device, monkeypatch):
+    """A backward follows the launch settings and backend of its own time, as on the general path."""
+    log, x, t = _recorded_problem(monkeypatch, device, 64, 100)
 
     def calls():
         seen = []
@@ -247,11 +251,7 @@ def test_tiles_table_swapped_or_read_again(device, monkeypatch, tmp_path):
     ``measured_tiles.cache_clear()`` gets new plans: launches follow the table in force."""
     import json
 
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
-    log = []
-    _record_launches(monkeypatch, log)
-    x = rand_logits((300, 3000), torch.float32, device)
-    t = torch.randint(0, 3000, (300,), device=device)
+    log, x, t = _recorded_problem(monkeypatch, device, 300, 3000)
 
     def forward_tile():
         log.clear()
@@ -321,12 +321,8 @@ def test_signatures_that_take_the_general_path(device, monkeypatch):
 
 def test_key_follows_environment_and_launch_state(device, monkeypatch):
     """A plan is per environment and launch_config state: changing either between calls is obeyed."""
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
     used = _count_plans(monkeypatch)
-    log = []
-    _record_launches(monkeypatch, log)
-    x = rand_logits((2, 30000), torch.float32, device)
-    t = torch.randint(0, 30000, (2,), device=device)
+    log, x, t = _recorded_problem(monkeypatch, device, 2, 30000)
 
     def forward_grid():
         return [grid for name, grid, _, _ in log if name == "xent_forward_kernel"][-1]
