@@ -69,9 +69,9 @@ def xent_rows_forward_kernel(
     s = tl.sum(tl.exp(x_rel), axis=1)
     if HARD and not SMOOTH:
         # q is tw in the target column and 0 elsewhere. Built and summed as a tile, it depended on no
-        # load of the tile, and Triton 3.9 gave it a layout of its own: q computed twice, its sums
-        # reduced across all 16 warps through shared memory (sm_90 code: 93 warp shuffles against the
-        # soft kernel's 35; perf/NOTES.md P21). The target's logit is picked out of the loaded tile
+        # load of the tile, and Triton (3.6 and 3.9) gave it a layout of its own: q computed twice, its
+        # sums reduced across all 16 warps through shared memory (sm_90 code, Triton 3.9: 93 warp
+        # shuffles against the soft kernel's 35; perf/NOTES.md P21). The target's logit is picked out of the loaded tile
         # instead, a reduction in the logits' own layout.
         mine = active & (tw != 0)
         x_t = tl.sum(tl.where(cols == tl.where(mine, t, -1).to(tl.int32)[:, None], x_rel, 0.0), axis=1)
