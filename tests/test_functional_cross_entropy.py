@@ -59,6 +59,13 @@ def test_every_option_combination(backend, device, kind, use_weight, reduction, 
     compare(x, target, **kw)
 
 
+@pytest.mark.parametrize("ignore_index", [-1, -7])
+def test_negative_ignore_index_with_probabilities_like_torch(backend, device, ignore_index):
+    """torch refuses only an ignore_index >= 0 with probability targets: a negative one matches no class."""
+    x = rand_logits((6, C), torch.float64, device)
+    compare(x, make_target("probs", (6, C), device), ignore_index=ignore_index, label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("shape", [(C,), (5, C), (2, C, 3), (2, C, 2, 3)])
 @pytest.mark.parametrize("kind", ["int64", "int32", "probs"])
 def test_every_input_rank(backend, device, shape, kind):
@@ -251,6 +258,68 @@ def test_module_matches_torch_module(backend, device):
     soft = xent_triton.SoftmaxCrossEntropyWithLogits(axis=0)
     y = torch.softmax(torch.randn(C, 7, dtype=torch.float64, device=device), 0)
     close(soft(y, x.detach().t()), xent_triton.softmax_cross_entropy_with_logits(y, x.detach().t(), axis=0), **F64)
+
+
+def test_signature_is_torchs():
+    """Every torch parameter in torch's order and with torch's default, so positional calls bind alike;
+    ours only add keyword-only ones."""
+    import inspect
+    theirs = list(inspect.signature(F.cross_entropy).parameters.values())
+    ours = list(inspect.signature(xent_triton.cross_entropy).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in ours[:len(theirs)]] == \
+        [(p.name, p.default, p.kind) for p in theirs]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+
+
+@pytest.mark.parametrize("size_average,reduce", [(False, None), (True, None), (None, False), (False, True)])
+def test_legacy_reduction_arguments_like_torch(backend, device, size_average, reduce):
+    """size_average and reduce, positionally and by keyword, give torch's reduction and its warning."""
+    x = rand_logits((6, C), torch.float64, device)
+    t = make_target("int64", (6, C), device, ignore_index=2)
+    w = torch.rand(C, dtype=torch.float64, device=device) + 0.1
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        theirs = F.cross_entropy(x.detach(), t, w, size_average, 2, reduce, "none", 0.1)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        ours = xent_triton.cross_entropy(x, t, w, size_average, 2, reduce, "none", 0.1)
+    assert ours.shape == theirs.shape
+    close(ours, theirs, **F64)
+    with pytest.warns(UserWarning):
+        ours_kw = xent_triton.cross_entropy(x, t, weight=w, size_average=size_average, ignore_index=2,
+                                            reduce=reduce, label_smoothing=0.1)
+    close(ours_kw, theirs, **F64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["int64", "probs"])
+def test_double_backward_like_torch(backend, device, kind, reduction):
+    """create_graph=True: the gradient of a gradient penalty (a Hessian-vector product) equals torch's, with
+    weights, label smoothing and ignored rows; gradgradcheck also covers z-loss and softcap."""
+    x = rand_logits((2, C, 3), torch.float64, device)
+    target = make_target(kind, (2, C, 3), device)
+    kw = dict(weight=torch.rand(C, dtype=torch.float64, device=device) + 0.1, label_smoothing=0.1,
+              reduction=reduction)
+    grads, hvps = [], []
+    for fn in (xent_triton.cross_entropy, F.cross_entropy):
+        z = x.detach().clone().requires_grad_()
+        loss = fn(z, target, **kw)
+        (g,) = torch.autograd.grad(loss.sum(), z, create_graph=True)
+        grads.append(g.detach())
+        hvps.append(torch.autograd.grad((g * g).sum(), z)[0])
+    close(grads[0], grads[1], **F64)
+    close(hvps[0], hvps[1], **F64)
+    # fast_mode: a random projection of the Jacobians; the interpreter runs each forward slowly.
+    small = rand_logits((3, 6), torch.float64, device)
+    t = make_target(kind, (3, 6), device, n_ignored=1)
+    assert torch.autograd.gradgradcheck(
+        lambda z: xent_triton.cross_entropy(z, t, reduction=reduction, lse_square_scale=1e-2, softcap=3.0),
+        (small,), fast_mode=True)
+
+
+def test_inplace_backward_refuses_double_backward(backend, device):
+    x = rand_logits((4, C), torch.float64, device)
+    t = torch.randint(0, C, (4,), device=device)
+    with pytest.raises(RuntimeError, match="not supported with inplace_backward=True"):
+        torch.autograd.grad(xent_triton.cross_entropy(x * 1.0, t, inplace_backward=True), x, create_graph=True)
 
 
 def test_hard_forward_reads_no_label_matrix(backend, device):

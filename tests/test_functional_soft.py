@@ -204,11 +204,46 @@ def test_labels_without_grad_get_none(backend, device):
     assert labels.grad is None and logits.grad is not None
 
 
-def test_double_backward_raises(backend, device):
-    logits = rand_logits((3, 9), torch.float64, device)
-    labels = rand_probs((3, 9), torch.float64, device)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(sce(labels, logits).sum(), logits, create_graph=True)
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_double_backward(backend, device, axis):
+    """create_graph=True gives a gradient that can be differentiated again, in the logits and in the labels:
+    gradgradcheck, for the functional form and the public autograd.Function."""
+    from xent_triton import SoftmaxCrossEntropyFunction
+    logits = rand_logits((3, 6), torch.float64, device)
+    labels = rand_probs((3, 6), torch.float64, device).requires_grad_()
+    if axis == 0:
+        logits, labels = (t.detach().t().contiguous().requires_grad_() for t in (logits, labels))
+    # fast_mode: a random projection of the Jacobians; the interpreter runs each forward slowly.
+    for fn in (lambda x, y: sce(y, x, axis), lambda x, y: SoftmaxCrossEntropyFunction.apply(y, x, axis)):
+        assert torch.autograd.gradgradcheck(fn, (logits, labels), fast_mode=True)
+
+
+def test_double_backward_first_order_and_upstream(backend, device):
+    """Under create_graph=True the first-order gradients keep the kernels' values and rules (-inf logits,
+    rows of -inf, zero labels, an empty batch); with one-hot labels and an upstream gradient that itself
+    requires grad, both orders match torch's differentiation of -(y * log_softmax(x)).sum(-1)."""
+    ninf = float("-inf")
+    x = torch.tensor([[0.3, ninf, 1.0, -0.5], [0.3, ninf, 1.0, -0.5], [ninf] * 4, [ninf] * 4, [0.1, 0.2, 0.3, 0.4]],
+                     dtype=torch.float64, device=device)
+    y = torch.tensor([[0.5, 0, 0.5, 0], [0.25, 0.25, 0.5, 0], [0] * 4, [0.5, 0.5, 0, 0], [0.1, 0.2, 0.3, 0.4]],
+                     dtype=torch.float64, device=device)
+    u = torch.arange(1.0, 6.0, dtype=torch.float64, device=device)
+    for shape in ((5, 4), (0, 4)):
+        grads = []
+        for create_graph in (False, True):
+            xx, yy = (t[:shape[0]].clone().requires_grad_() for t in (x, y))
+            grads.append(torch.autograd.grad(sce(yy, xx), (xx, yy), u[:shape[0]], create_graph=create_graph))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    x = rand_logits((3, 6), torch.float64, device)
+    y = torch.nn.functional.one_hot(torch.tensor([1, 4, 0], device=device), 6).double().requires_grad_()
+    u = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
+    results = []
+    for fn in (sce, lambda yy, xx: -(yy * torch.log_softmax(xx, -1)).sum(-1)):
+        gx, gy = torch.autograd.grad(fn(y, x), (x, y), u, create_graph=True)
+        results.append((gx, gy) + torch.autograd.grad((gx.square().sum() + (gy * gx).sum()), (x, y, u)))
+    for a, b in zip(*results):
+        close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_saves_no_n_by_v_intermediate(backend, device):

@@ -200,6 +200,16 @@ def test_retain_graph_second_backward(backend, device, fused):
     close(x.grad, 2 * g1, **F64)
 
 
+def test_double_backward(backend, device, fused):
+    """create_graph=True through the fused step: the written dlogits is set aside, and the gradient comes
+    from differentiable ops (gradgradcheck)."""
+    x = rand_logits((3, 6), torch.float64, device)
+    t = torch.randint(0, 6, (3,), device=device)
+    assert _uses_fused_step(xent_triton.cross_entropy(x, t, label_smoothing=0.1))
+    assert torch.autograd.gradgradcheck(lambda z: xent_triton.cross_entropy(z, t, label_smoothing=0.1), (x,),
+                                        fast_mode=True)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "sliced", "many_rows", "one_row"])
 def test_layouts_and_persistent_grid(backend, device, fused, layout):
     """Class axis 1 of (N, C, L), a strided view, more rows than persistent programs, a single row."""

@@ -335,6 +335,43 @@ def test_jit_trace_records_the_custom_op(backend, device):
     close(traced(x2), xent_triton.cross_entropy(x2, t, reduction="none"), rtol=0, atol=0)
 
 
+def test_torch_export_records_the_custom_op(backend, device):
+    """torch.export records the custom op through its fake implementation, with a dynamic batch dim, and
+    the exported module gives eager's loss and parameter gradients on a batch of another size."""
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = _model(device)
+
+        def forward(self, h, t, y):
+            logits = self.lin(h)
+            hard = xent_triton.cross_entropy(logits, t, label_smoothing=0.1, lse_square_scale=1e-3)
+            return hard + xent_triton.softmax_cross_entropy_with_logits(y, logits).mean()
+
+    model = Head()
+    batch = torch.export.Dim("batch", min=2)
+    h = torch.randn(5, 16, device=device)
+    t = torch.randint(0, 37, (5,), device=device)
+    y = rand_probs((5, 37), torch.float32, device)
+    exported = torch.export.export(model, (h, t, y), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    assert "xent_triton.forward" in exported.graph_module.code
+    run = exported.module()
+    h2 = torch.randn(9, 16, device=device)
+    t2 = torch.randint(0, 37, (9,), device=device)
+    t2[2] = -100
+    y2 = rand_probs((9, 37), torch.float32, device)
+    losses, grads = [], []
+    for m in (run, model):
+        m.zero_grad(set_to_none=True)
+        loss = m(h2, t2, y2)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in m.parameters()])
+    close(losses[0], losses[1], **tol(torch.float32))
+    for a, b in zip(*grads):
+        close(a, b, **tol(torch.float32))
+
+
 def test_forward_mode_ad_raises(backend, device):
     """No jvp formula: forward-mode AD raises instead of a zero or missing tangent (torch.func.jvp through
     the custom op returned 0 before the check)."""

@@ -20,6 +20,7 @@ from .functional import (  # noqa: E402
     cross_entropy, linear_cross_entropy, softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits)
 from .linear import LinearCrossEntropyFunction  # noqa: E402
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, SoftmaxCrossEntropyWithLogits  # noqa: E402
+from .torch_patch import TorchPatch, patch_torch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,6 @@ __all__ = [
     "SoftmaxCrossEntropyWithLogits",
     "SoftmaxCrossEntropyFunction",
     "InplaceGradCrossEntropy",
+    "patch_torch",
+    "TorchPatch",
 ]

@@ -30,10 +30,14 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("xent_triton: double backward is not supported")
         labels, logits, lse, qsum = ctx.saved_tensors
         need_dy, need_dx = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            with torch.no_grad():
+                first = SoftmaxCrossEntropyWithLogits.backward(ctx, grad.detach())
+            dlogits, dlabels = ops._second_order((first[1], first[0]), grad, logits, labels, None, None, ctx.axis,
+                                                 -100, 0.0, 0.0, 0.0, need_dx, need_dy)
+            return dlabels, dlogits, None
         dlogits, dlabels = ops.backward(
             grad, logits, labels, None, None, lse, qsum, ctx.axis, -100, 0.0, 0.0, 0.0, need_dx, need_dy)
         return (dlabels if need_dy else None), (dlogits if need_dx else None), None
@@ -67,6 +71,9 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("xent_triton: double backward (create_graph=True) is not supported with "
+                               "inplace_backward=True: the backward overwrites the logits it would need")
         logits = ctx.logits
         if logits is None:
             raise RuntimeError("inplace_backward: the logits were already overwritten by an earlier backward "
@@ -108,9 +115,13 @@ class FusedStepCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        if torch.is_grad_enabled():
-            raise RuntimeError("xent_triton: double backward is not supported")
         logits, labels, target, weight, lse, qsum, scale, written = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            with torch.no_grad():
+                first = FusedStepCrossEntropy.backward(ctx, grad_loss.detach(), None)[0]
+            dlogits = ops._second_order((first, None), grad_loss, logits, labels, target, weight, *ctx.params,
+                                        True, False)[0]
+            return (dlogits,) + (None,) * 10
         dlogits, ctx.dlogits = ctx.dlogits, None
         if dlogits is None:
             dlogits, _ = ops.backward(

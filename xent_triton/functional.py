@@ -3,6 +3,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn import _reduction
 
 from . import call_plans
 from . import validation as v
@@ -102,11 +103,13 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward
     return loss
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                  lse_square_scale=0.0, softcap=None, return_lse=False, inplace_backward=False):
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                  label_smoothing=0.0, *, lse_square_scale=0.0, softcap=None, return_lse=False,
+                  inplace_backward=False):
     r"""A drop-in for :func:`torch.nn.functional.cross_entropy`, fused.
 
-    Same arguments and results as torch: ``input`` is ``(C,)``, ``(N, C)`` or
+    Same signature and results as torch (the deprecated ``size_average`` and ``reduce``
+    included, in the same positions): ``input`` is ``(C,)``, ``(N, C)`` or
     ``(N, C, d1, ...)``; ``target`` holds class indices (int64 or int32, the input's shape
     without the class dim) or class probabilities (the input's shape). ``weight``,
     ``ignore_index`` (class indices only, as in torch) and ``label_smoothing`` follow torch's
@@ -124,6 +127,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     Class indices outside ``[0, C)`` (other than ``ignore_index``) give NaN for their row
     on the Triton path and raise IndexError on the torch fallback.
     """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)  # torch's rule, and its warning
     if not inplace_backward:
         # Eager calls of a signature seen before: checks and launch choices kept from its first call.
         planned = call_plans.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
@@ -253,8 +258,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                              f"input of shape (N, {in_features}), got {tuple(input.shape)}")
         logits = F.linear(input, linear_weight.flatten(0, -2),
                           linear_bias.flatten() if linear_bias is not None else None).view(logits_shape)
-        return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                             lse_square_scale=lse_square_scale, softcap=softcap)
+        return cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
 
     # Class last: the checks are those of cross_entropy on (rows, C) logits.
     if probabilities:
@@ -289,8 +294,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     x = input.reshape(n, in_features)
     t = target.reshape(n, C) if probabilities else target.reshape(n)
     if torch.compiler.is_compiling():
-        loss = cross_entropy(F.linear(x, linear_weight, linear_bias), t, weight, ignore_index, reduction,
-                             label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+        loss = cross_entropy(F.linear(x, linear_weight, linear_bias), t, weight, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing,
+                             lse_square_scale=lse_square_scale, softcap=softcap)
     else:
         chunk = chunk_size or default_chunk_rows(n, C, in_features)
         params = (int(ignore_index), reduction, float(label_smoothing), float(lse_square_scale), softcap, chunk,

@@ -29,9 +29,9 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input, target):
-        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                               lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                               inplace_backward=self.inplace_backward)
+        return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
+                               softcap=self.softcap, inplace_backward=self.inplace_backward)
 
 
 class SoftmaxCrossEntropyWithLogits(nn.Module):

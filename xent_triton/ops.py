@@ -175,13 +175,54 @@ def _refuse_double_backward():
             "xent_triton: double backward (create_graph=True through the cross-entropy loss) is not supported")
 
 
+class _KernelValues(torch.autograd.Function):
+    """The kernels' gradient (``values``), with the derivatives of ``differentiable``, the same function
+    computed in differentiable ops: a second backward gets the derivatives, and the first-order values
+    stay the kernels' bits, with their NaN and inf rules."""
+
+    @staticmethod
+    def forward(ctx, values, differentiable):
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def _second_order(first, grad_rows, logits, labels, target, weight, axis, ignore_index, label_smoothing,
+                  lse_square_scale, softcap, need_dx, need_dy):
+    """(dlogits, dlabels) for ``create_graph=True``: the values of ``first`` (the kernels' gradients),
+    differentiable with respect to the inputs and the per-row upstream gradient, so that a second
+    derivative (a gradient penalty, a Hessian-vector product) goes through them. The per-row loss is
+    computed again in the torch fallback's ops, the same formulas, and autograd differentiates it."""
+    from . import torch_backend
+    wanted = [t for t, need in ((logits, need_dx), (labels, need_dy)) if need]
+    with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
+        rows = make_rows(logits, labels, target, weight, axis)
+        loss = torch_backend.forward(rows, ignore_index, label_smoothing, lse_square_scale, softcap, rows.acc)[0]
+        if rows.n_rows == 0:
+            diffs = [t * 0 for t in wanted]  # empty: nothing to differentiate, but a graph to go through
+        else:
+            diffs = torch.autograd.grad(loss, wanted, grad_rows.reshape(-1).to(rows.acc), create_graph=True,
+                                        materialize_grads=True)
+    diffs = iter(diffs)
+    return tuple(_KernelValues.apply(value, next(diffs).to(value.dtype)) if need else value
+                 for value, need in zip(first, (need_dx, need_dy)))
+
+
 def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
-    _refuse_double_backward()
     logits, labels, target, weight, lse, qsum = ctx.saved_tensors
     need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     # grad_loss is None when the direct path does not materialize gradients and the loss went unused.
     if grad_loss is None or not (need_dx or need_dy):
         return (None,) * 12
+    if torch.is_grad_enabled():
+        if ctx.shard[1] != -1:  # a vocabulary shard's loss is not the loss: its second derivative is not ours
+            _refuse_double_backward()
+        with torch.no_grad():
+            first = _backward(ctx, grad_loss.detach(), None, None)[:2]
+        return _second_order(first, grad_loss, logits, labels, target, weight, *ctx.params, need_dx,
+                             need_dy) + (None,) * 10
     dlogits, dlabels = backward(
         grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy, *ctx.shard)
     return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
@@ -225,12 +266,16 @@ class _PlannedForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_qsum):
-        _refuse_double_backward()
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None or not (need_dx or need_dy):
             return (None,) * 5
         logits, labels, target, weight, lse, qsum = ctx.saved_tensors
         plan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph=True
+            with torch.no_grad():
+                first = _PlannedForwardFunction.backward(ctx, grad_loss.detach(), None, None)[:2]
+            return _second_order(first, grad_loss, logits, labels, target, weight, plan.axis, *plan.options,
+                                 need_dx, need_dy) + (None,) * 3
         planned = None
         if _direct(grad_loss, logits, labels, target, weight, lse, qsum):
             planned = plan.backward(grad_loss, logits, labels, target, weight, lse, qsum, need_dx, need_dy, None)
@@ -278,11 +323,18 @@ class _ReducedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_lse):
-        _refuse_double_backward()
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad is None or not (need_dx or need_dy):
             return (None,) * 7
         logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            with torch.no_grad():
+                first = _ReducedFunction.backward(ctx, grad.detach(), None)[:2]
+            g = grad.to(lse.dtype)
+            denom = dev_denom if dev_denom is not None else ctx.host_denom
+            g = (divide(g, denom) if denom is not None else g).expand(lse.shape)
+            return _second_order(first, g, logits, labels, target, weight, *ctx.params[:5], need_dx,
+                                 need_dy) + (None,) * 5
         direct = _direct(grad, logits, labels, target, weight, lse, qsum, dev_denom)
         inputs = (logits, labels, target, weight, lse, qsum, *ctx.params[:5], need_dx, need_dy)
         if direct and ctx.host_denom is None:

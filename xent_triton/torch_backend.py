@@ -102,7 +102,10 @@ class _Target:
         if not self.hard:
             q = self.q
             nz = q != 0
-            return torch.linalg.vecdot(q, torch.where(nz, x_rel, 0.0)), q.sum(1), nz.sum(1)
+            # Only a zero label on a -inf logit is left out (0 * -inf): elsewhere a zero label keeps its
+            # derivative, x_rel, for a backward that differentiates this (ops._second_order).
+            kept = nz | (x_rel != float("-inf"))
+            return torch.linalg.vecdot(q, torch.where(kept, x_rel, 0.0)), q.sum(1), nz.sum(1)
         x_t = x_rel.gather(1, self.t[:, None])[:, 0]
         d = torch.where(self.tw != 0, self.tw * x_t, 0.0)
         qsum, nnz = self.tw.clone(), (self.tw != 0).long()
@@ -153,7 +156,9 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
         m = x.amax(dim=1)
         m = torch.where(m == float("-inf"), 0.0, m)
         x_rel = x - m[:, None]
-        log_s = torch.log(torch.exp(x_rel).sum(dim=1))
+        s = torch.exp(x_rel).sum(dim=1)
+        # log(0) = -inf on a row of -inf logits, through a double where: its derivative is then 0, not NaN.
+        log_s = torch.where(s > 0, torch.log(torch.where(s > 0, s, 1.0)), float("-inf"))
         lse = m + log_s
         # sum(q * (lse - x)) relative to the max: no cancellation for huge logits.
         d, qsum, nnz = target.sums(x_rel)

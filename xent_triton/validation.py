@@ -111,8 +111,8 @@ def check_cross_entropy_target(input, target, ignore_index):
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
                          f"{tuple(input.shape)}")
-    if ignore_index != -100:
-        # torch raises the same error (RuntimeError) for probability targets.
+    if ignore_index >= 0:
+        # torch's rule and error (RuntimeError): a negative index cannot match a class, so it is allowed.
         raise RuntimeError(f"ignore_index is not supported for floating point target (got {ignore_index})")
     return axis, hard
 
