@@ -143,6 +143,16 @@ def test_double_backward_like_torch(backend, device, patched):
     close(hvps[0], hvps[1], **F64)
 
 
+def test_cpu_tensors_keep_torch_by_default(monkeypatch, patched, routed):
+    """Without TRITON_INTERPRET (the auto backend on the CPU), torch's own kernels run: the fallback is
+    slower than they are."""
+    monkeypatch.setenv("XENT_TRITON_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, t = _inputs("cpu")
+    close(F.cross_entropy(x, t), ORIGINAL(x, t), **F64)
+    assert routed == []
+
+
 def _params(fn):
     return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
 

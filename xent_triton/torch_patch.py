@@ -22,12 +22,16 @@ _MARK = "__xent_triton_replaces__"
 _TRACED = (FakeTensor, FunctionalTensor)
 
 
+def _user_subclass(tensors) -> bool:
+    return any(t is not None and type(t) not in ops._PLAIN and not isinstance(t, _TRACED) for t in tensors)
+
+
 def _ours(tensors, weight) -> bool:
     """Whether a call goes to xent_triton: the Triton backend would run it (CUDA tensors, or the
     interpreter), on plain tensors (a subclass such as DTensor keeps torch's own handling), with no
     gradient wanted for ``weight``, outside torch.func transforms and forward-mode AD, which the
     kernels have no formula for."""
-    if any(t is not None and type(t) not in ops._PLAIN and not isinstance(t, _TRACED) for t in tensors):
+    if _user_subclass(tensors):
         return False
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         return False
@@ -64,8 +68,7 @@ def _overridden(tensors) -> bool:
     user's. Then it gets torch's function, as it did before the patch; the original's own check would
     hand it the patched module attribute instead. torch.compile and torch.export trace with overrides of
     their own: the call stays ours there, unless a user subclass is among the tensors."""
-    return not torch.compiler.is_compiling() or any(
-        t is not None and type(t) not in ops._PLAIN and not isinstance(t, _TRACED) for t in tensors)
+    return not torch.compiler.is_compiling() or _user_subclass(tensors)
 
 
 def _cross_entropy_route(input, target, weight, ignore_index, label_smoothing) -> bool:
