@@ -71,7 +71,7 @@ def _overridden(tensors) -> bool:
     return not torch.compiler.is_compiling() or _user_subclass(tensors)
 
 
-def _cross_entropy_route(input, target, weight, ignore_index, label_smoothing) -> bool:
+def _cross_entropy_route(input, target, weight) -> bool:
     """Class-index targets torch takes and the kernels do not (uint8), and inputs without classes, stay
     with torch."""
     if not target.is_floating_point() and target.dtype not in (torch.int64, torch.int32):
@@ -87,8 +87,7 @@ def _patched_cross_entropy(original: Callable, input: Tensor, target: Tensor, we
         return handle_torch_function(original, (input, target, weight), input, target, weight=weight,
                                      size_average=size_average, ignore_index=ignore_index, reduce=reduce,
                                      reduction=reduction, label_smoothing=label_smoothing)
-    fn = functional.cross_entropy if _cross_entropy_route(input, target, weight, ignore_index,
-                                                            label_smoothing) else original
+    fn = functional.cross_entropy if _cross_entropy_route(input, target, weight) else original
     return fn(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
 
 
