@@ -8,6 +8,11 @@ Notation, for one row of logits x (after the optional softcap) and one row of
   dloss/dx_c = softmax_c * (sum(q) + 2 * z * lse) - q_c      ("coef" = sum(q) + 2 z lse)
 With no weights, no smoothing and no z-loss this is TF's soft cross entropy,
 and its gradient is softmax * sum(labels) - labels.
+
+Every row keeps its lse as two numbers, the row max m and log_s = log(sum(exp(x - m))), and
+every quantity that needs lse - x forms it as log_s - (x - m): softmax_c = exp((x_c - m) - log_s).
+The rounded sum m + log_s loses log_s once the float spacing near m exceeds it (logits of 1e8 in
+fp32): exp(x - lse) then rounds the softmax of two equal logits to 1, not 1/2.
 """
 import triton
 import triton.language as tl
@@ -228,10 +233,10 @@ def tie_to_logits(q, x):
 
 
 @triton.jit
-def dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP: tl.constexpr):
+def dlogits_block(x, th, q, m, log_s, coef, g, active, SOFTCAP: tl.constexpr):
     """g * (softmax * coef - q) for one block, times the softcap's chain rule (th = tanh(x_raw / c))."""
-    # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
-    p = tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
+    # A -inf logit has softmax 0, also on a row with no softmax (log_s = -inf), where the exp is NaN.
+    p = tl.where(x == float("-inf"), 0.0, tl.exp((x - m) - log_s))
     dx = g * (p * coef - q)
     if SOFTCAP:
         dx = dx * (1.0 - th * th)
@@ -240,7 +245,7 @@ def dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def grad_block(x_ptrs, y_ptrs, dx_ptrs, dy_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, softcap,
-               lse, coef, g, HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+               m, log_s, coef, g, HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                SOFTCAP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, ACC: tl.constexpr,
                EVICT: tl.constexpr, CACHE: tl.constexpr, FULL: tl.constexpr):
     """dlogits (and dlabels) of one block: load the logits (and labels), store the gradients.
@@ -261,10 +266,10 @@ def grad_block(x_ptrs, y_ptrs, dx_ptrs, dy_ptrs, W, cols, cmask, n_classes, t, t
     if NEED_DX:
         q = target_mass(y_ptrs, W, cols, cmask, n_classes, t, tw, active, smoothing, HARD, HAS_WEIGHT, SMOOTH,
                         ACC, EVICT, FULL)
-        store_block(dx_ptrs, to_store(dlogits_block(x, th, q, lse, coef, g, active, SOFTCAP), dx_ptrs), cmask,
-                    CACHE, FULL)
+        store_block(dx_ptrs, to_store(dlogits_block(x, th, q, m, log_s, coef, g, active, SOFTCAP), dx_ptrs),
+                    cmask, CACHE, FULL)
     if NEED_DY:
-        dy = g * (lse - x)
+        dy = g * (log_s - (x - m))
         if SMOOTH:
             dy = dy * (1.0 - smoothing)
         if HAS_WEIGHT:
@@ -273,25 +278,27 @@ def grad_block(x_ptrs, y_ptrs, dx_ptrs, dy_ptrs, W, cols, cmask, n_classes, t, t
 
 
 @triton.jit
-def grad_coef(lse, qsum, z_scale, active, valid, HAS_Z: tl.constexpr):
+def grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z: tl.constexpr):
     """coef = sum(q) + 2 z lse, with the row rules of finalize_row."""
     coef = qsum
     if HAS_Z:
-        coef += 2.0 * z_scale * lse
+        coef += 2.0 * z_scale * (m + log_s)
     # No softmax (all logits -inf): no softmax term in the gradient either.
-    coef = tl.where(lse == float("-inf"), 0.0, coef)
+    coef = tl.where(log_s == float("-inf"), 0.0, coef)
     coef = tl.where(active, coef, 0.0)
     return tl.where(valid | (~active), coef, float("nan"))
 
 
 @triton.jit
 def finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z: tl.constexpr):
-    """Loss, lse and label mass sum(q) of a row from its combined statistics.
+    """Loss, lse and the row statistics the backward reads (m, log_s, sum(q)), from the row's combined
+    online statistics.
 
     m is the row max with -inf replaced by 0 (so that exp(x - m) never sees
     -inf - -inf), s = sum(exp(x - m)), d = sum(q * (x - m)). The loss
     sum(q * (lse - x)) = log(s) * sum(q) - d involves only differences from
-    the max, so it keeps its precision when the logits are huge.
+    the max, so it keeps its precision when the logits are huge. lse = m + log_s is
+    rounded: only the z-loss and the caller's return_lse use it (see the module docstring).
     """
     log_s = tl.log(s)
     lse = m + log_s
@@ -300,11 +307,31 @@ def finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z: tl.constexpr
         loss += z_scale * lse * lse
     # A row whose logits are all -inf has no softmax. It costs nothing when it
     # carries no label mass; otherwise log(0) * qsum - d is already NaN or inf.
-    loss = tl.where((lse == float("-inf")) & (nnz == 0), 0.0, loss)
-    # Ignored hard-label rows cost nothing and report lse = 0; out-of-range
+    loss = tl.where((log_s == float("-inf")) & (nnz == 0), 0.0, loss)
+    # Ignored hard-label rows cost nothing and report lse = 0 (their statistics are 0 too); out-of-range
     # indices are a NaN, never a silent number.
     loss = tl.where(active, loss, 0.0)
     lse = tl.where(active, lse, 0.0)
+    m = tl.where(active, m, 0.0)
+    log_s = tl.where(active, log_s, 0.0)
     qsum = tl.where(active, qsum, 0.0)
     loss = tl.where(valid | (~active), loss, float("nan"))
-    return loss, lse, qsum
+    return loss, lse, m, log_s, qsum
+
+
+@triton.jit
+def store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, mask):
+    """Store a row's (or a [ROWS] vector of rows') loss, lse and statistics: STATS is (3, rows) with row
+    stride s_stats, holding m, log_s and sum(q) (finalize_row)."""
+    tl.store(LOSS + row, to_store(loss, LOSS), mask=mask)
+    tl.store(LSE + row, lse, mask=mask)
+    tl.store(STATS + row, m, mask=mask)
+    tl.store(STATS + s_stats + row, log_s, mask=mask)
+    tl.store(STATS + 2 * s_stats + row, qsum, mask=mask)
+
+
+@triton.jit
+def load_row(STATS, s_stats, row, ACC: tl.constexpr):
+    """(m, log_s, sum(q)) of a row (or a vector of rows), as store_row left them."""
+    return (tl.load(STATS + row).to(ACC), tl.load(STATS + s_stats + row).to(ACC),
+            tl.load(STATS + 2 * s_stats + row).to(ACC))

@@ -2,17 +2,18 @@
 
 dlogits = g * (softmax * coef - q), with coef = sum(q) + 2 z lse from the
 statistics the forward saved; dlabels = g * (1 - eps) * w * (lse - x) for soft labels that require
-grad. Both are computed in fp32 (fp64 for fp64 inputs) and rounded once on
-store: rounding softmax - 1 to bf16 first loses the true-class gradient.
-Traffic per row: read V logits (+ V labels if soft), write V dlogits
-(+ V dlabels if requested). Ignored hard-label rows only write zeros. In the
-in-place memory mode dlogits is written over the logits it was computed from.
+grad. softmax and lse - x are formed from the row max and log_s apart (row_math's docstring).
+Both are computed in fp32 (fp64 for fp64 inputs) and rounded once on store: rounding
+softmax - 1 to bf16 first loses the true-class gradient. Traffic per row: read V logits
+(+ V labels if soft), write V dlogits (+ V dlabels if requested). Ignored hard-label rows
+only write zeros. In the in-place memory mode dlogits is written over the logits it was
+computed from.
 """
 import triton
 import triton.language as tl
 
-from .row_math import (aligned_run, block_ranges, divided_grad, f64_param, grad_block, grad_coef, row_target,
-                       same_run)
+from .row_math import (aligned_run, block_ranges, divided_grad, f64_param, grad_block, grad_coef, load_row,
+                       row_target, same_run)
 
 
 @triton.jit
@@ -22,7 +23,7 @@ def xent_backward_kernel(
     T, st_outer, st_inner,
     W,
     G, sg_outer, sg_inner, DEN,
-    LSE, QSUM,
+    STATS, s_stats,
     DX, sdx_outer, sdx_inner,
     DY, S, WROTE, POLICY,
     n_inner, V, n_classes, class_offset, cols_per_prog,
@@ -36,7 +37,7 @@ def xent_backward_kernel(
     addressed like X and may be X itself (the in-place mode): each element is
     loaded before this same program stores over it.
 
-    LSE and QSUM are the row's log-sum-exp and label mass; for a vocabulary
+    STATS holds the row statistics the forward stored (row_math.store_row); for a vocabulary
     shard they are the global (all-shard) values.
 
     DIVIDE: G is divided by a mean's denominator (one element at DEN) first (row_math.divided_grad).
@@ -71,8 +72,8 @@ def xent_backward_kernel(
         tl.store(POLICY, tl.zeros([], tl.int32), mask=wrote & (~expected))
         col_end = tl.where(wrote & expected, col_begin, col_end)
     g = tl.where(active, g, 0.0)
-    lse = tl.load(LSE + row).to(ACC)
-    coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)
+    m, log_s, qsum = load_row(STATS, s_stats, row, ACC)
+    coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)
     # Whole blocks as unmasked aligned vectors, then the partial ones; ignored rows load nothing
     # and only write zeros (row_math.block_ranges).
     Xb, lead = aligned_run(X_row + col_begin, BLOCK)
@@ -84,10 +85,10 @@ def xent_backward_kernel(
     for k in range(k0, k1, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         grad_block(Xb + offs, Yb + offs, DXb + offs, DYb + offs, W, first + offs, None, n_classes, t, tw, active,
-                   smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, NEED_DX, NEED_DY, ACC, "",
+                   smoothing, softcap, m, log_s, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, NEED_DX, NEED_DY, ACC, "",
                    "", True)
     for k in range(e0, e1, e_step):
         offs = k + tl.arange(0, BLOCK)
         grad_block(Xb + offs, Yb + offs, DXb + offs, DYb + offs, W, first + offs, (offs >= lead) & (offs < n),
-                   n_classes, t, tw, active, smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
+                   n_classes, t, tw, active, smoothing, softcap, m, log_s, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
                    NEED_DX, NEED_DY, ACC, "", "", False)

@@ -2,13 +2,14 @@
 
 Memory traffic per row of V classes: V logits read, plus V labels read for
 soft labels (nothing of size V for class indices). Everything else is O(1) per
-row: the loss and the statistics the backward pass needs (lse and sum(q)).
+row: the loss, lse, and the statistics the backward pass needs (the row max m,
+log_s = log(sum(exp(x - m))) and sum(q): row_math.finalize_row).
 """
 import triton
 import triton.language as tl
 
 from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, load_logits, row_target, same_run,
-                       target_mass, tie_to_logits, to_store)
+                       store_row, target_mass, tie_to_logits)
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def xent_forward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    LOSS, LSE, QSUM,
+    LOSS, LSE, STATS, s_stats,
     PART,
     n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
@@ -157,7 +158,8 @@ def xent_forward_kernel(
     The row holds classes [class_offset, class_offset + V) of n_classes: a
     vocabulary shard (xent_triton.distributed) or, usually, the whole row.
 
-    SPLIT == 1: the program owns the row and writes LOSS, LSE, QSUM. SPLIT > 1: each program owns
+    SPLIT == 1: the program owns the row and writes LOSS, LSE and STATS (row_math.store_row). SPLIT > 1:
+    each program owns
     ``cols_per_split`` columns and writes its partial (m, s, d, qsum, nnz)
     into PART[5, n_rows, SPLIT] for xent_combine_kernel (d is relative to m).
     """
@@ -180,10 +182,8 @@ def xent_forward_kernel(
                                         smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
                                         ACC, "", STAGES)
     if SPLIT == 1:
-        loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-        tl.store(LOSS + row, to_store(loss, LOSS))
-        tl.store(LSE + row, lse)
-        tl.store(QSUM + row, qsum)
+        loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
+        store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
     else:
         base = row * SPLIT + split
         stride = n_rows * SPLIT
@@ -197,7 +197,7 @@ def xent_forward_kernel(
 @triton.jit
 def xent_combine_kernel(
     T, st_outer, st_inner, W,
-    LOSS, LSE, QSUM, PART,
+    LOSS, LSE, STATS, s_stats, PART,
     n_rows, n_inner, V, n_classes, class_offset, ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_Z: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, ACC: tl.constexpr,
@@ -220,7 +220,5 @@ def xent_combine_kernel(
         tl.load(part, mask=kmask, other=0.0), tl.load(part + stride, mask=kmask, other=0.0),
         tl.load(part + 2 * stride, mask=kmask, other=0.0), tl.load(part + 3 * stride, mask=kmask, other=0.0),
         tl.load(part + 4 * stride, mask=kmask, other=0.0), True)
-    loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-    tl.store(LOSS + row, to_store(loss, LOSS))
-    tl.store(LSE + row, lse)
-    tl.store(QSUM + row, qsum)
+    loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
+    store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)

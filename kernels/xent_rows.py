@@ -7,13 +7,13 @@ kernel below torch eager at 131072 x 128 and 32768 x 1024. Here every program mo
 of the per-row kernels (row_math.py); the single tile needs no online rescaling.
 
 Tail rows past n_rows count as ignored rows: their per-row scalars (class index, upstream gradient,
-lse) are read at the last row's index, clamped, and their tile loads and all their stores are masked.
+statistics) are read at the last row's index, clamped, and their tile loads and all their stores are masked.
 """
 import triton
 import triton.language as tl
 
-from .row_math import (divided_grad, f64_param, finalize_row, grad_block, grad_coef, load_logits, row_target,
-                       target_mass, tie_to_logits, to_store)
+from .row_math import (divided_grad, f64_param, finalize_row, grad_block, grad_coef, load_logits, load_row,
+                       row_target, store_row, target_mass, tie_to_logits)
 
 
 @triton.jit
@@ -43,13 +43,13 @@ def xent_rows_forward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    LOSS, LSE, QSUM,
+    LOSS, LSE, STATS, s_stats,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
     SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Loss, lse and sum(q) of ROWS rows per program (grid cdiv(n_rows, ROWS)); see xent_forward_kernel."""
+    """Loss, lse and statistics of ROWS rows per program (grid cdiv(n_rows, ROWS)); see xent_forward_kernel."""
     smoothing = f64_param(smoothing, smoothing_lo, ACC)
     z_scale = f64_param(z_scale, z_scale_lo, ACC)
     softcap = f64_param(softcap, softcap_lo, ACC)
@@ -88,10 +88,8 @@ def xent_rows_forward_kernel(
         d = tl.sum(tl.where(q != 0, q * x_rel, 0.0), axis=1)
         nnz = tl.sum(tl.where(q != 0, 1.0, 0.0), axis=1)
         qsum = tl.sum(q, axis=1)
-    loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-    tl.store(LOSS + row, to_store(loss, LOSS), mask=row_ok)
-    tl.store(LSE + row, lse, mask=row_ok)
-    tl.store(QSUM + row, qsum, mask=row_ok)
+    loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
+    store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, row_ok)
 
 
 @triton.jit
@@ -101,7 +99,7 @@ def xent_rows_backward_kernel(
     T, st_outer, st_inner,
     W,
     G, sg_outer, sg_inner, DEN,
-    LSE, QSUM,
+    STATS, s_stats,
     DX, sdx_outer, sdx_inner,
     DY,
     n_rows, n_inner, V, n_classes, class_offset,
@@ -120,8 +118,8 @@ def xent_rows_backward_kernel(
         HARD, HAS_WEIGHT, ROWS, ACC)
     g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, DIVIDE, ACC)
     g = tl.where(active, g, 0.0)
-    lse = tl.load(LSE + row).to(ACC)
-    coef = grad_coef(lse, tl.load(QSUM + row).to(ACC), z_scale, active, valid, HAS_Z)
+    m, log_s, qsum = load_row(STATS, s_stats, row, ACC)
+    coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)
     cols = tl.arange(0, BLOCK)[None, :]
     smask = (cols < V) & row_ok[:, None]
     # Ignored rows load nothing and only write zeros.
@@ -129,5 +127,5 @@ def xent_rows_backward_kernel(
                Y + (outer * sy_outer + inner * sy_inner)[:, None] + cols,
                DX + (outer * sdx_outer + inner * sdx_inner)[:, None] + cols, DY + row[:, None] * V + cols,
                W, cols, smask, n_classes, t[:, None], tw[:, None], active[:, None], smoothing, softcap,
-               lse[:, None], coef[:, None], g[:, None], HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, NEED_DX, NEED_DY, ACC,
-               "", "", False)
+               m[:, None], log_s[:, None], coef[:, None], g[:, None], HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, NEED_DX,
+               NEED_DY, ACC, "", "", False)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, grad_block, grad_coef, row_target,
-                       same_run, to_store)
+                       same_run, store_row)
 from .xent_forward import _row_partial
 
 
@@ -37,14 +37,14 @@ def xent_step_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W, S, WROTE,
-    LOSS, LSE, QSUM, DX,
+    LOSS, LSE, STATS, s_stats, DX,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
     SOFTCAP: tl.constexpr, Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     EPT: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Loss, lse, sum(q) and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
+    """Loss, lse, statistics and dlogits = S * dloss/dlogits of rows pid, pid + P, ... (P programs).
 
     Addressing and row rules are those of xent_forward_kernel (SPLIT == 1) and
     xent_backward_kernel; DX is contiguous (n_rows, V). dlogits is written only
@@ -76,11 +76,9 @@ def xent_step_kernel(
         m, s, d, qsum, nnz = _row_partial(X_row, Y_row, W, 0, load_end, n_classes, t, tw, active, smoothing,
                                           softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
                                           ACC, "evict_last", STAGES)
-        loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-        tl.store(LOSS + row, to_store(loss, LOSS))
-        tl.store(LSE + row, lse)
-        tl.store(QSUM + row, qsum)
-        coef = grad_coef(lse, qsum, z_scale, active, valid, HAS_Z)
+        loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
+        store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
+        coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)
         g = tl.where(active, scale, 0.0)
         # The blocks of the first walk (the same frame): the whole ones, last first, then the partial
         # ones. Re-reading the partial ones first (the first walk loads them last) measured 58 -> 99
@@ -94,10 +92,10 @@ def xent_step_kernel(
         for i in tl.range(0, n_full, num_stages=STAGES):
             offs = k1 - (i + 1) * BLOCK + tl.arange(0, BLOCK)
             grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, None, n_classes, t, tw, active,
-                       smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, True, False, ACC,
+                       smoothing, softcap, m, log_s, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, True, False, ACC,
                        "evict_first", ".cs", True)
         for k in range(e0, e1, e_step):
             offs = k + tl.arange(0, BLOCK)
             grad_block(Xb + offs, Yb + offs, DXb + offs, DXb + offs, W, offs - lead, (offs >= lead) & (offs < n),
-                       n_classes, t, tw, active, smoothing, softcap, lse, coef, g, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP,
-                       True, False, ACC, "evict_first", ".cs", False)
+                       n_classes, t, tw, active, smoothing, softcap, m, log_s, coef, g, HARD, HAS_WEIGHT, SMOOTH,
+                       SOFTCAP, True, False, ACC, "evict_first", ".cs", False)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from xent_triton.kernels.row_math import (aligned_run, block_ranges, f64_param, finalize_row, load_logits,
-                                          row_target, same_run, target_mass, to_store)
+                                          row_target, same_run, store_row, target_mass)
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def block_state_forward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    LOSS, LSE, QSUM,
+    LOSS, LSE, STATS, s_stats,
     PART,
     n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
@@ -124,7 +124,7 @@ def block_state_forward_kernel(
     The row holds classes [class_offset, class_offset + V) of n_classes: a
     vocabulary shard (xent_triton.distributed) or, usually, the whole row.
 
-    SPLIT == 1: the program owns the row and writes LOSS, LSE, QSUM. SPLIT > 1: each program owns
+    SPLIT == 1: the program owns the row and writes LOSS, LSE, STATS. SPLIT > 1: each program owns
     ``cols_per_split`` columns and writes its partial (m, s, d, qsum, nnz)
     into PART[5, n_rows, SPLIT] for xent_combine_kernel (d is relative to m).
     """
@@ -147,10 +147,8 @@ def block_state_forward_kernel(
                                         smoothing, softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, ACC,
                                         "")
     if SPLIT == 1:
-        loss, lse, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-        tl.store(LOSS + row, to_store(loss, LOSS))
-        tl.store(LSE + row, lse)
-        tl.store(QSUM + row, qsum)
+        loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
+        store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
     else:
         base = row * SPLIT + split
         stride = n_rows * SPLIT

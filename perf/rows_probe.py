@@ -46,10 +46,10 @@ def main(argv=None):
                     def fwd():
                         return ops.forward(x, labels, target, None, 1, -100, 0.0, 0.0, 0.0, True)
 
-                    loss, lse, qsum = fwd()
+                    loss, lse, stats = fwd()
 
                     def bwd():
-                        return ops.backward(g, x, labels, target, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True,
+                        return ops.backward(g, x, labels, target, None, stats, 1, -100, 0.0, 0.0, 0.0, True,
                                             False)
 
                     bwd()  # compile outside the graph capture

@@ -172,12 +172,12 @@ def main(argv=None):
         N = max(1024, TARGET_BYTES // (V * b))
         x = torch.randn(N, V, device="cuda", dtype=dtype) * 2
         y = torch.softmax(torch.randn(N, V, device="cuda"), -1).to(dtype)
-        loss, lse, qsum = torch.ops.xent_triton.forward(x, y, None, None, 1, -100, 0.0, 0.0, 0.0, False)
+        loss, lse, stats = torch.ops.xent_triton.forward(x, y, None, None, 1, -100, 0.0, 0.0, 0.0, False)
         g = torch.ones_like(loss)
         passes = {
             "forward": (lambda: xent_triton.softmax_cross_entropy_with_logits(y, x), 2 * N * V * b),
             "backward": (lambda: torch.ops.xent_triton.backward(
-                g, x, y, None, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True, False), 3 * N * V * b),
+                g, x, y, None, None, stats, 1, -100, 0.0, 0.0, 0.0, True, False), 3 * N * V * b),
         }
         for pass_name, (fn, nbytes) in passes.items():
             timings = []
@@ -197,7 +197,7 @@ def main(argv=None):
                   f"worst {worst} ({worst_pct:.0f}%)", flush=True)
             lines.append(f"| {name} | {V} | {pass_name} | {best} | {ms:.3f} | {pct:.0f} | {worst} | {worst_pct:.0f} |")
             table[pass_name].setdefault(str(b), []).append([V, *best])
-        del y, loss, lse, qsum, g
+        del y, loss, lse, stats, g
         time_step(name, dtype, x, N, V, b)
         try:  # newer than the rest: a failure must not cost the table what is already measured
             time_step(name, dtype, x, N, V, b, kind="soft")

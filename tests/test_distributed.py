@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import xent_triton
 from xent_triton import distributed as xd
+from helpers import magnitude_logits, ref_xent
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -153,6 +154,26 @@ def _check_hard(counter, case, gen, dtype, shape, reduction, smoothing, ignore_i
     _close(x.grad, case.unshard(xr.grad), rtol, atol, f"hard dlogits {dtype} {kw}")
 
 
+def _check_magnitudes(counter, case, dtype):
+    """Logits up to 1e30 (float32) or 1e300 (float64): the combine keeps each row's max and log-sum apart, so
+    loss, dlogits and dlabels match the float64 reference at every magnitude (tests/test_magnitudes.py)."""
+    torch.manual_seed(5)  # the same full tensors on every rank
+    x_full = magnitude_logits(dtype, "cpu", case.V).double()
+    mass = torch.rand(x_full.shape[0], 1, dtype=torch.float64) + 0.5
+    y_full = (torch.softmax(torch.randn(x_full.shape, dtype=torch.float64), -1) * mass).to(dtype).double()
+    w = torch.randn(x_full.shape[0], dtype=torch.float64)
+    x, y = case.shard(x_full, dtype, True), case.shard(y_full, dtype, True)
+    loss = _counted(counter, lambda: xd.softmax_cross_entropy_with_logits(y, x), 1, "magnitudes forward")
+    (loss * w.to(case.device, dtype)).sum().backward()
+    xr, yr = x_full.clone().requires_grad_(), y_full.clone().requires_grad_()
+    ref = ref_xent(xr, labels=yr)
+    (ref * w.to(dtype).double()).sum().backward()
+    rtol, atol = _tol(dtype)
+    _close(loss, ref.to(dtype), rtol, atol, f"magnitudes loss {dtype}")
+    _close(x.grad, case.unshard(xr.grad).to(dtype), rtol, atol, f"magnitudes dlogits {dtype}")
+    _close(y.grad, case.unshard(yr.grad).to(dtype), rtol, atol, f"magnitudes dlabels {dtype}")
+
+
 def _check_probability_target(counter, case, gen):
     x_full = torch.randn(5, case.V, generator=gen, dtype=torch.float64)
     p_full = torch.softmax(torch.randn(5, case.V, generator=gen, dtype=torch.float64), -1)
@@ -218,6 +239,8 @@ def _worker(rank, world, store, device, sizes, env):
         _check_hard(counter, axis1, gen, torch.float64, (3, last.V, 2), "none", 0.0, 1, 1, True)
         _check_hard(counter, axis1, gen, torch.bfloat16, (5, last.V), "sum", 0.05, -100, 0, False)
         _check_probability_target(counter, axis1, gen)
+        _check_magnitudes(counter, last, torch.float32)
+        _check_magnitudes(counter, last, torch.float64)
         if device == "cpu" and world == 2:
             _check_layout_errors(counter, rank)
         if subgroup is not None and rank in (1, 2):

@@ -95,6 +95,33 @@ def test_label_mass_on_masked_logits(backend, device):
     assert hard[0].item() == math.inf and math.isfinite(hard[1].item())
 
 
+def test_dlabels_rules(backend, device):
+    """dlabels = g * (lse - x) per the README's table: +inf at a -inf logit, NaN on a row whose logits are all
+    -inf (there is no lse: with or without label mass), finite on a row with a NaN label (lse does not
+    depend on the labels, while its loss and dlogits are NaN); other rows exact."""
+    inf, nan = float("inf"), float("nan")
+    x = rand_logits((5, 6), torch.float32, device, requires_grad=False)
+    y = rand_probs((5, 6), torch.float32, device)
+    x[0, 2] = -inf
+    y[0, 2] = 0.0  # a masked logit without label mass
+    x[1] = -inf
+    y[1] = 0.0  # all -inf, no label mass
+    x[2] = -inf  # all -inf, label mass
+    y[3, 4] = nan
+    x.requires_grad_()
+    y.requires_grad_()
+    out = sce(y, x)
+    dx, dy = torch.autograd.grad(out.sum(), (x, y))
+    assert dy[0, 2].item() == inf and out[1].item() == 0.0 and (dx[1] == 0).all()
+    assert dy[1].isnan().all() and dy[2].isnan().all() and torch.isfinite(dy[3]).all()
+    assert out[3].isnan() and dx[3].isnan().all()
+    xr = x.detach().double().requires_grad_()
+    (dyr,) = torch.autograd.grad(ref_soft(y.detach()[[0, 3, 4]], xr[[0, 3, 4]]).sum(), xr)
+    lse = torch.logsumexp(x.detach().double(), -1, keepdim=True)
+    close(dy[[0, 3, 4]], (lse - x.detach().double())[[0, 3, 4]], rtol=1e-5, atol=1e-5)
+    close(dx[[0, 4]], dyr[[0, 4]], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("where", ["logits", "labels"])
 def test_nan_inputs(backend, device, where):
     x = rand_logits((4, 300), torch.bfloat16, device, requires_grad=False)

@@ -259,7 +259,8 @@ def test_saves_no_n_by_v_intermediate(backend, device):
         sce(labels, logits).sum().backward()
     inputs = {logits.data_ptr(), labels.data_ptr()}
     for t in saved:
-        assert t.data_ptr() in inputs or t.numel() <= 16, (tuple(t.shape), t.dtype)
+        # Besides the inputs, only O(rows) statistics: 3 numbers a row (layout.stats_shape).
+        assert t.data_ptr() in inputs or t.numel() <= 3 * 16, (tuple(t.shape), t.dtype)
 
 
 def test_deterministic(backend, device):

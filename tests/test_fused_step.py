@@ -285,12 +285,12 @@ def test_opcheck_step_ops(backend, device):
     t = torch.tensor([1, -100, 8, 0], device=device)
     s = torch.full((), 0.5, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.xent_triton.step.default, (x.detach(), y, None, None, 1, -100, 0.1, 0.01, 0.0, False, s))
-    loss, lse, qsum, dx, written = torch.ops.xent_triton.step(x.detach(), None, t, None, 1, -100, 0.0, 0.0, 3.0,
+    loss, lse, stats, dx, written = torch.ops.xent_triton.step(x.detach(), None, t, None, 1, -100, 0.0, 0.0, 3.0,
                                                                True, s)
     g = torch.full((4,), 0.5, dtype=torch.float64, device=device)
     g[2] = 2.0
     torch.library.opcheck(torch.ops.xent_triton.backward_scaled.default,
-                          (g, x.detach(), None, t, None, lse, qsum, s, written, dx.clone(), 1, -100, 0.0, 0.0, 3.0))
+                          (g, x.detach(), None, t, None, stats, s, written, dx.clone(), 1, -100, 0.0, 0.0, 3.0))
 
 
 def test_auto_mode_follows_the_measured_table(monkeypatch):

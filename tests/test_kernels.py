@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(r'''
 
 
 def _fwd(x, y, acc, hard, extras, split=1, block=2048, warps=16, ints="i32", stages=1):
-    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W=f"*{x}", LOSS=f"*{x}", LSE=f"*{acc}", QSUM=f"*{acc}",
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W=f"*{x}", LOSS=f"*{x}", LSE=f"*{acc}", STATS=f"*{acc}",
                 PART=f"*{acc}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, SPLIT=split,
                   Y_ALIGNED=x == y, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc, STAGES=stages)
@@ -94,7 +94,7 @@ def _ept(x, block, warps):
 
 
 def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, divide=False):
-    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", DEN="*i64", LSE=f"*{acc}", QSUM=f"*{acc}",
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", DEN="*i64", STATS=f"*{acc}",
                 DX=f"*{x}", DY=f"*{y}", S="*fp32", WROTE="*i32", POLICY="*i32")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, NEED_DX=True,
                   NEED_DY=need_dy, SKIP_SCALED=skip, DIVIDE=divide, Y_ALIGNED=x == y, DX_ALIGNED=True,
@@ -104,14 +104,14 @@ def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, div
 
 def _step(x, y, acc, hard, extras, block=4096, warps=16, stages=1):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", WROTE="*i32",
-                LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}", DX=f"*{x}")
+                LOSS="*fp32", LSE=f"*{acc}", STATS=f"*{acc}", DX=f"*{x}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, Y_ALIGNED=x == y,
                   DX_ALIGNED=True, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc, STAGES=stages)
     return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
 def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False, max_regs=128, divide=False):
-    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", LOSS="*fp32", LSE=f"*{acc}", QSUM=f"*{acc}",
+    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", LOSS="*fp32", LSE=f"*{acc}", STATS=f"*{acc}",
                 G="*fp32", DEN="*fp32", DX=f"*{x}", DY=f"*{y}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, ROWS=rows,
                   BLOCK=block, ACC=acc)
@@ -141,7 +141,7 @@ CASES = {
              consts=dict(_rows("rows_fwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16)["consts"], SMOOTH=True))],
     "forward_split_and_combine": [
         _fwd("bf16", "bf16", "fp32", True, True, split=8),
-        dict(kind="combine", ptrs=dict(T="*i64", W="*fp32", LOSS="*bf16", LSE="*fp32", QSUM="*fp32",
+        dict(kind="combine", ptrs=dict(T="*i64", W="*fp32", LOSS="*bf16", LSE="*fp32", STATS="*fp32",
                                        PART="*fp32"),
              consts=dict(HARD=True, HAS_WEIGHT=True, HAS_Z=True, SPLIT=8, SPLIT_P2=8, ACC="fp32"), warps=1)],
     "forward_fp64": [_fwd("fp64", "bf16", "fp64", False, True, block=512, warps=4)],

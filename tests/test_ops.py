@@ -66,11 +66,11 @@ def test_opcheck(backend, device):
                           (x, y, None, None, 1, -100, 0.1, 0.01, 0.0, False))
     torch.library.opcheck(torch.ops.xent_triton.forward.default,
                           (x, None, t, None, 1, -100, 0.0, 0.0, 3.0, True))
-    lse = torch.randn(4, dtype=torch.float64, device=device)
-    qsum = torch.rand(4, dtype=torch.float64, device=device)
+    stats = torch.stack([x.detach().amax(1), torch.rand(4, dtype=torch.float64, device=device) + 2.0,
+                         torch.rand(4, dtype=torch.float64, device=device)])
     g = torch.randn(4, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.xent_triton.backward.default,
-                          (g, x.detach(), y.detach(), None, None, lse, qsum, 1, -100, 0.0, 0.0, 0.0, True, True))
+                          (g, x.detach(), y.detach(), None, None, stats, 1, -100, 0.0, 0.0, 0.0, True, True))
 
 
 def test_autocast_keeps_half_logits(backend, device):

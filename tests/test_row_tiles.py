@@ -78,7 +78,7 @@ def test_vocabulary_shard(device, monkeypatch, kind):
     g = torch.randn(N, device=device)
 
     def run_bwd():
-        return torch.ops.xent_triton.backward(g, x, y, t, None, one[1], one[2], 1, -100, 0.1, 0.0, 0.0, True,
+        return torch.ops.xent_triton.backward(g, x, y, t, None, one[2], 1, -100, 0.1, 0.0, 0.0, True,
                                               False, offset, total)
 
     (dx1, _), (dxt, _) = _both(monkeypatch, run_bwd)

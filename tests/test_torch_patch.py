@@ -157,6 +157,20 @@ def _params(fn):
     return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
 
 
+def test_route_is_marked_constant_as_torchs_decorator_marks_it():
+    """torch_patch marks its route function the way torch.compiler.assume_constant_result does, without
+    importing torch._dynamo: the decorator must still mark with that flag (and return the function)."""
+    from xent_triton import torch_patch
+
+    def probe():
+        return True
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    marked = [k for k, v in vars(probe).items() if v is True]
+    assert marked == ["_dynamo_marked_constant"]
+    assert torch_patch._runs_kernels._dynamo_marked_constant is True
+
+
 def test_signature_name_and_removal():
     names = ("cross_entropy", "linear_cross_entropy")
     before = {n: getattr(F, n) for n in names if hasattr(F, n)}

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the offending shapes, dtypes or values."""
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,108 @@ def test_unknown_backend(monkeypatch):
 def test_not_tensors():
     with pytest.raises(TypeError, match="logits must be a torch.Tensor, got list"):
         sce(f32(2, 3), [[1.0, 2.0, 3.0]])
+
+
+# torch's argument rules (issue: a float ignore_index zeroed a row yet divided the mean by every row).
+BAD_IGNORE_INDEX = [(1.5, TypeError), ("1", TypeError), (True, TypeError), (None, TypeError),
+                    (torch.tensor(1.0), TypeError), (2**64 - 100, ValueError), (2**63, ValueError)]
+
+
+def _hard(device, n=4, C=5):
+    return torch.randn(n, C, device=device), torch.arange(n, device=device) % C
+
+
+@pytest.mark.parametrize("bad,error", BAD_IGNORE_INDEX, ids=repr)
+def test_ignore_index_must_be_an_int64(backend, device, bad, error):
+    x, t = _hard(device)
+    for call in (lambda: cross_entropy(x, t, ignore_index=bad),
+                 lambda: cross_entropy(x, torch.softmax(x, 1), ignore_index=bad),
+                 lambda: xent_triton.CrossEntropyLoss(ignore_index=bad)(x, t),
+                 # (None is linear_cross_entropy's default: -100 for class indices.)
+                 lambda: xent_triton.linear_cross_entropy(x, torch.randn(3, 5, device=device), t % 3,
+                                                          ignore_index=1.5 if bad is None else bad)):
+        with pytest.raises(TypeError if bad is None else error, match="ignore_index must"):
+            call()
+
+
+@pytest.mark.parametrize("index", [1, np.int64(1), torch.tensor(1), torch.tensor(1, dtype=torch.int32)], ids=repr)
+def test_ignore_index_integer_scalars_like_torch(backend, device, index):
+    """Integers of other types (numpy, 0-d integer tensors) are accepted, as torch's int arguments take them."""
+    x, t = _hard(device)
+    torch.testing.assert_close(cross_entropy(x.double(), t, ignore_index=index),
+                               torch.nn.functional.cross_entropy(x.double(), t, ignore_index=1))
+
+
+@pytest.mark.parametrize("name,bad,error,match", [
+    ("reduction", 1, ValueError, "reduction must be one of"),
+    ("reduction", None, ValueError, "reduction must be one of"),
+    ("label_smoothing", "0.1", TypeError, "label_smoothing must be a float, got str"),
+    ("label_smoothing", None, TypeError, "label_smoothing must be a float, got NoneType"),
+    ("label_smoothing", float("nan"), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    ("lse_square_scale", "1e-4", TypeError, "lse_square_scale must be a float, got str"),
+    ("lse_square_scale", None, TypeError, "lse_square_scale must be a float"),
+    ("softcap", "30", TypeError, "softcap must be a float, got str"),
+    ("softcap", [30.0], TypeError, "softcap must be a float, got list"),
+], ids=repr)
+def test_option_types(backend, device, name, bad, error, match):
+    x, t = _hard(device)
+    with pytest.raises(error, match=match):
+        cross_entropy(x, t, **{name: bad})
+    with pytest.raises(error, match=match):
+        xent_triton.linear_cross_entropy(x, torch.randn(3, 5, device=device), t % 3, **{name: bad})
+
+
+@pytest.mark.parametrize("value", [0.1, np.float64(0.1), np.float32(0.25), torch.tensor(0.1), 1, True], ids=repr)
+def test_label_smoothing_real_scalars_like_torch(backend, device, value):
+    x, t = _hard(device)
+    x = x.double()
+    torch.testing.assert_close(cross_entropy(x, t, label_smoothing=value),
+                               torch.nn.functional.cross_entropy(x, t, label_smoothing=float(value)))
+
+
+@pytest.mark.parametrize("bad,error,match", [(1.5, TypeError, "ignore_index must be an int"),
+                                             (2**64 - 100, ValueError, "ignore_index must fit in int64"),
+                                             ("x", ValueError, "reduction must be one of"),
+                                             (-0.1, ValueError, "label_smoothing must be in")], ids=repr)
+def test_patched_torch_gives_one_error_on_every_route(backend, device, bad, error, match):
+    """Under patch_torch a call goes to torch's function (CPU tensors, the fallback) or to xent_triton's
+    (the kernels): a bad argument gets the same error either way."""
+    x, t = _hard(device)
+    arg = "ignore_index" if "ignore_index" in match else "reduction" if "reduction" in match else "label_smoothing"
+    with xent_triton.patch_torch():
+        with pytest.raises(error, match=match):
+            torch.nn.functional.cross_entropy(x, t, **{arg: bad})
+        with pytest.raises(error, match=match):
+            torch.nn.CrossEntropyLoss(**{arg: bad})(x, t)
+
+
+@pytest.mark.parametrize("shape,tshape", [((4, 5), (4,)), ((2, 5, 3), (2, 3)), ((5,), ())])
+def test_float_class_indices_name_the_dtype(backend, device, shape, tshape):
+    """A floating target of the shape class indices have: the dtype is what is wrong, on every route."""
+    x = torch.randn(shape, device=device)
+    t = torch.randint(0, 5, tshape, device=device).float()
+    match = r"class indices must be int64 or int32, and probabilities must have the input's shape"
+    with pytest.raises(TypeError, match=match):
+        cross_entropy(x, t)
+    with xent_triton.patch_torch(), pytest.raises(TypeError, match=match):
+        torch.nn.functional.cross_entropy(x, t)
+    with pytest.raises(TypeError, match="class indices must be int64 or int32"):
+        xent_triton.linear_cross_entropy(torch.randn(4, 5, device=device), torch.randn(3, 5, device=device),
+                                         torch.rand(4, device=device))
+
+
+def test_sparse_api_names_only_its_own_arguments(backend, device):
+    """TF's sparse loss has no ignore_index: its out-of-range error must not show the internal sentinel."""
+    labels = torch.tensor([0, 3], device=device)
+    logits = torch.randn(2, 3, device=device)
+    if backend == "torch":
+        with pytest.raises(IndexError) as info:
+            xent_triton.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        assert str(info.value) == "class index 3 is out of range for 3 classes"
+    else:  # the kernels give the row NaN (as TF on the GPU), the other row its loss
+        out = xent_triton.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        assert torch.isfinite(out[0]) and torch.isnan(out[1])
+    # cross_entropy, which has one, names it.
+    if backend == "torch":
+        with pytest.raises(IndexError, match=r"out of range for 3 classes \(ignore_index=-100\)"):
+            cross_entropy(logits, labels)

@@ -81,11 +81,13 @@ class RowPlan:
         return Rows(logits, labels, target, weight, *self.geometry)
 
     def forward(self, logits, labels, target, weight):
-        """Per-row (loss, lse, qsum), as ops' forward implementation gives them."""
-        out = self.impl.run_forward(self.forward_plan, self.rows(logits, labels, target, weight))
-        return out if self.batch_shape is None else tuple(t.view(self.batch_shape) for t in out)
+        """Per-row (loss, lse, stats), as ops' forward implementation gives them."""
+        loss, lse, stats = self.impl.run_forward(self.forward_plan, self.rows(logits, labels, target, weight))
+        if self.batch_shape is not None:
+            loss, lse = loss.view(self.batch_shape), lse.view(self.batch_shape)
+        return loss, lse, stats
 
-    def backward(self, grad, logits, labels, target, weight, lse, qsum, need_dx, need_dy, denom):
+    def backward(self, grad, logits, labels, target, weight, stats, need_dx, need_dy, denom):
         """(dlogits or None, dlabels or None), as ops' backward of the same row view gives them; None where
         the backend or launch settings changed since the plan was made (the general path then chooses)."""
         if _backend_state()[0] != self.state[0]:
@@ -95,16 +97,14 @@ class RowPlan:
         plan = self.backward_plans.get(which)
         if plan is None:
             plan = self.backward_plans[which] = self.impl.backward_plan(rows, *self.options, *which)
-        if self.batch_shape is not None:
-            lse, qsum = lse.reshape(-1), qsum.reshape(-1)
         dev = logits.device
         dx = new_output(self.grad_shape, logits.dtype, dev) if need_dx else None
         dy = new_output(self.grad_shape, labels.dtype, dev) if need_dy else None
         if dev.type == "cuda" and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
-                self.impl.run_backward(plan, rows, grad, lse, qsum, dx, dy, denom=denom)
+                self.impl.run_backward(plan, rows, grad, stats, dx, dy, denom=denom)
         else:
-            self.impl.run_backward(plan, rows, grad, lse, qsum, dx, dy, denom=denom)
+            self.impl.run_backward(plan, rows, grad, stats, dx, dy, denom=denom)
         return dx, dy
 
 
@@ -235,7 +235,8 @@ def _cross_entropy_plan(input, target, weight, ignore_index, reduction, label_sm
     or a row view that _row_plan refuses. Bad arguments raise as in the general path."""
     from . import functional
 
-    axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, softcap)
+    axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                       lse_square_scale, softcap)
     C = input.shape[axis]
     labels, index = (None, target) if hard else (target, None)
     if functional._takes_fused_step(input, labels, input.numel() // C, C, reduction, False, call_state=False):

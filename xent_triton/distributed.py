@@ -10,21 +10,24 @@ How it works, per forward:
 
 1. The local kernel (``xent_triton::forward`` with ``class_offset`` and
    ``n_classes``) computes each row's shard statistics: ``loss_k`` (the cross
-   entropy as if the shard were the whole vocabulary), ``lse_k`` (the shard's
-   log-sum-exp) and ``qsum_k`` (the shard's label mass).
-2. ONE collective: an all_gather of the packed ``(3, N)`` fp32 buffer
-   ``[loss_k, lse_k, qsum_k]`` (fp64 for fp64 inputs).
+   entropy as if the shard were the whole vocabulary), the shard's max ``m_k``
+   and ``log_s_k`` (its log-sum-exp is ``m_k + log_s_k``), and ``qsum_k`` (the
+   shard's label mass).
+2. ONE collective: an all_gather of the packed ``(4, N)`` fp32 buffer
+   ``[loss_k, m_k, log_s_k, qsum_k]`` (fp64 for fp64 inputs).
 3. Every rank combines them the same way::
 
-       lse  = logsumexp_k lse_k
-       Q    = sum_k qsum_k
-       loss = sum_k [loss_k + (lse - lse_k) * qsum_k]     (term dropped where qsum_k == 0)
+       m     = max_k m_k                                  (over shards with a finite logit)
+       log_s = log sum_k exp((m_k - m) + log_s_k)
+       Q     = sum_k qsum_k
+       loss  = sum_k [loss_k + ((m - m_k) + (log_s - log_s_k)) * qsum_k]   (term dropped where qsum_k == 0)
 
-   which avoids the cancellation of ``lse * Q - sum_k dot_k``.
+   which avoids the cancellation of ``lse * Q - sum_k dot_k``, and keeps the row max and
+   ``log_s`` apart, as one process does (layout.stats_shape).
 
 The backward needs no communication: ``xent_triton::backward`` computes each
 shard's ``dlogits = g * (softmax * Q - q)`` and ``dlabels = g * (lse - x)`` from
-the global ``lse`` and ``Q`` saved by the forward.
+the global ``m``, ``log_s`` and ``Q`` saved by the forward.
 
 Shard offsets are needed before the local kernel (class indices are global).
 The first call per (process group, local shard size) exchanges the local
@@ -121,19 +124,23 @@ def _shard_layout(group, rank: int, world: int, local_classes: int, n_rows: int,
     return sum(sizes[:rank]), sum(sizes)
 
 
-def _combine(stats: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Global (loss, lse, Q) per row from the gathered (world, 3, N) shard statistics."""
-    loss_k, lse_k, q_k = stats.unbind(1)
-    lse = torch.logsumexp(lse_k, dim=0)  # -inf only where every shard is -inf
+def _combine(gathered: Tensor) -> Tuple[Tensor, Tensor]:
+    """Global (loss, stats) per row from the gathered (world, 4, N) shard losses and statistics."""
+    loss_k, m_k, log_s_k, q_k = gathered.unbind(1)
+    finite = log_s_k != float("-inf")  # the shard has a finite logit in the row (its m_k is then its max)
+    m = torch.where(finite, m_k, float("-inf")).amax(dim=0)
+    m = torch.where(m == float("-inf"), 0.0, m)  # no finite logit in any shard: -inf replaced by 0, as a kernel
+    # exp((m_k - m) + log_s_k): at most exp(log V_k) for the shard of the max, 0 for a shard without softmax.
+    log_s = torch.exp((m_k - m) + log_s_k).sum(dim=0).log()  # -inf only where every shard is -inf
     q = q_k.sum(dim=0)
     has_mass = q_k != 0
-    shifted = loss_k + torch.where(has_mass, (lse - lse_k) * q_k, 0.0)
+    shifted = loss_k + torch.where(has_mass, ((m - m_k) + (log_s - log_s_k)) * q_k, 0.0)
     # Label mass on a shard whose logits are all -inf in that row: its kernel
     # loss is -inf - -inf = NaN, while one process sees sum q * (lse - -inf),
     # i.e. +inf (for non-negative q) when some other shard has a finite logit.
-    lost = has_mass & (lse_k == float("-inf")) & (lse != float("-inf"))
+    lost = has_mass & ~finite & (log_s != float("-inf"))
     shifted = torch.where(lost, q_k * float("inf"), shifted)
-    return shifted.sum(dim=0), lse, q
+    return shifted.sum(dim=0), torch.stack((m, log_s, q))
 
 
 class _VocabParallelXent(torch.autograd.Function):
@@ -147,21 +154,21 @@ class _VocabParallelXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, target, axis, ignore_index, label_smoothing, class_offset, n_classes, world,
                 group):
-        loss_k, lse_k, q_k = ops.forward(
+        loss_k, lse_k, stats_k = ops.forward(
             logits, labels, target, None, axis, ignore_index, label_smoothing, 0.0, 0.0, True, class_offset, n_classes)
-        acc = lse_k.dtype
+        acc = stats_k.dtype
         shape = lse_k.shape
         n = lse_k.numel()
         if n:
-            packed = torch.stack([loss_k.reshape(n).to(acc), lse_k.reshape(n), q_k.reshape(n)]).reshape(-1)
-            loss, lse, q = _combine(_all_gather(packed, world, group).view(world, 3, n))
+            packed = torch.cat([loss_k.reshape(1, n).to(acc), stats_k]).reshape(-1)
+            loss, stats = _combine(_all_gather(packed, world, group).view(world, 4, n))
         else:  # the row count is the same on every rank: they all skip the collective
-            loss, lse, q = loss_k.to(acc).reshape(0), lse_k.reshape(0), q_k.reshape(0)
+            loss, stats = loss_k.to(acc).reshape(0), stats_k
         if target is not None:
             active = (target != ignore_index).reshape(n)
             loss = torch.where(active, loss, 0.0)
-            lse = torch.where(active, lse, 0.0)  # as the single-process op reports it
-        ctx.save_for_backward(logits, labels, target, lse, q)
+            stats = torch.where(active, stats, 0.0)  # as the single-process op reports them
+        ctx.save_for_backward(logits, labels, target, stats)
         ctx.params = (axis, ignore_index, label_smoothing, class_offset, n_classes)
         return loss.view(shape)
 
@@ -170,13 +177,13 @@ class _VocabParallelXent(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("xent_triton.distributed: double backward (create_graph=True through the loss) is "
                                "not supported")
-        logits, labels, target, lse, q = ctx.saved_tensors
+        logits, labels, target, stats = ctx.saved_tensors
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dy):
             return (None,) * 10
         axis, ignore_index, label_smoothing, class_offset, n_classes = ctx.params
         dlogits, dlabels = ops.backward(
-            grad, logits, labels, target, None, lse, q, axis, ignore_index, label_smoothing, 0.0, 0.0,
+            grad, logits, labels, target, None, stats, axis, ignore_index, label_smoothing, 0.0, 0.0,
             need_dx, need_dy, class_offset, n_classes)
         return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 8
 
@@ -241,9 +248,9 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
         with probabilities' (float32 under autocast). ``mean`` divides by the number of non-ignored rows, computed
         locally from ``target`` (no collective).
     """
+    v.check_options(reduction, label_smoothing, None, ignore_index)
     axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target)
-    v.check_options(reduction, label_smoothing, None)
     labels = None if hard else target
     out_dtype = ops.torch_result_dtype(input.dtype, labels, None, _autocast_on(input))
     loss = _per_row(input, labels, target if hard else None, axis, ignore_index, label_smoothing, group)

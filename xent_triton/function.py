@@ -23,14 +23,14 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
     def forward(ctx, labels, logits, axis):
         axis = axis % logits.dim()
         fp32 = torch.is_autocast_enabled(logits.device.type)
-        loss, lse, qsum = ops.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, fp32)
-        ctx.save_for_backward(labels, logits, lse, qsum)
+        loss, _lse, stats = ops.forward(logits, labels, None, None, axis, -100, 0.0, 0.0, 0.0, fp32)
+        ctx.save_for_backward(labels, logits, stats)
         ctx.axis = axis
         return loss.to(loss_dtype_of(logits, fp32))
 
     @staticmethod
     def backward(ctx, grad):
-        labels, logits, lse, qsum = ctx.saved_tensors
+        labels, logits, stats = ctx.saved_tensors
         need_dy, need_dx = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
             with torch.no_grad():
@@ -39,7 +39,7 @@ class SoftmaxCrossEntropyWithLogits(torch.autograd.Function):
                                                  -100, 0.0, 0.0, 0.0, need_dx, need_dy)
             return dlabels, dlogits, None
         dlogits, dlabels = ops.backward(
-            grad, logits, labels, None, None, lse, qsum, ctx.axis, -100, 0.0, 0.0, 0.0, need_dx, need_dy)
+            grad, logits, labels, None, None, stats, ctx.axis, -100, 0.0, 0.0, 0.0, need_dx, need_dy)
         return (dlabels if need_dy else None), (dlogits if need_dx else None), None
 
 
@@ -58,11 +58,11 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                 softcap, loss_fp32):
-        loss, lse, qsum = ops.forward(
+        loss, lse, stats = ops.forward(
             logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32)
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(labels, target, weight, lse, qsum)
+        ctx.save_for_backward(labels, target, weight, stats)
         # Held directly, not saved: saving would make our own backward trip on the version bump below.
         ctx.logits = logits
         torch.autograd.graph.increment_version(logits)
@@ -79,10 +79,10 @@ class InplaceGradCrossEntropy(torch.autograd.Function):
             raise RuntimeError("inplace_backward: the logits were already overwritten by an earlier backward "
                                "(retain_graph=True is not supported in this mode)")
         ctx.logits = None
-        labels, target, weight, lse, qsum = ctx.saved_tensors
+        labels, target, weight, stats = ctx.saved_tensors
         need_dy = ctx.needs_input_grad[1]
         dlabels = ops.backward_inplace(
-            grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dy)
+            grad_loss, logits, labels, target, weight, stats, *ctx.params, need_dy)
         return (logits, dlabels if need_dy else None) + (None,) * 8
 
 
@@ -105,17 +105,16 @@ class FusedStepCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale,
                 softcap, loss_fp32, scale):
         params = (axis, ignore_index, label_smoothing, lse_square_scale, softcap)
-        loss, lse, qsum, dlogits, written = ops.step(logits, labels, target, weight, *params,
-                                                                       loss_fp32, scale)
+        loss, lse, stats, dlogits, written = ops.step(logits, labels, target, weight, *params, loss_fp32, scale)
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, labels, target, weight, lse, qsum, scale, written)
+        ctx.save_for_backward(logits, labels, target, weight, stats, scale, written)
         ctx.dlogits = dlogits
         ctx.params = params
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        logits, labels, target, weight, lse, qsum, scale, written = ctx.saved_tensors
+        logits, labels, target, weight, stats, scale, written = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
             with torch.no_grad():
                 first = FusedStepCrossEntropy.backward(ctx, grad_loss.detach(), None)[0]
@@ -124,9 +123,8 @@ class FusedStepCrossEntropy(torch.autograd.Function):
             return (dlogits,) + (None,) * 10
         dlogits, ctx.dlogits = ctx.dlogits, None
         if dlogits is None:
-            dlogits, _ = ops.backward(
-                grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, True, False)
+            dlogits, _ = ops.backward(grad_loss, logits, labels, target, weight, stats, *ctx.params, True, False)
         else:
-            ops.backward_scaled(grad_loss, logits, labels, target, weight, lse, qsum, scale,
-                                                  written, dlogits, *ctx.params)
+            ops.backward_scaled(grad_loss, logits, labels, target, weight, stats, scale, written, dlogits,
+                                *ctx.params)
         return (dlogits,) + (None,) * 10

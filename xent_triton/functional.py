@@ -15,9 +15,6 @@ from . import ops
 from .ops import loss_dtype_of, torch_result_dtype
 from .reduction import mean_denominator, reduce_rows, row_grad_scale
 
-# An ignore_index that no class index can equal: TF's sparse loss ignores nothing.
-_NEVER = -(2**63)
-
 
 def _autocast_on(t: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(t.device.type)
@@ -42,7 +39,7 @@ def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing
                                "hold its own gradient; pass the output of an op, e.g. the lm head's logits")
         check_inplace(make_rows(logits, labels, target, weight, axis), logits, axis)
         return InplaceGradCrossEntropy.apply(*args)
-    loss, lse, _qsum = ops.forward(*args)
+    loss, lse, _stats = ops.forward(*args)
     return loss, lse
 
 
@@ -98,7 +95,7 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward
     v.check_index_target(labels, logits, axis, name="labels")
     v.check_same_device(labels=labels, logits=logits)
     v.check_classes(logits, axis)
-    loss, _ = _per_row(logits, None, labels, None, axis, _NEVER, 0.0, 0.0, None, _autocast_on(logits),
+    loss, _ = _per_row(logits, None, labels, None, axis, v.IGNORE_NOTHING, 0.0, 0.0, None, _autocast_on(logits),
                        inplace_backward)
     return loss
 
@@ -135,7 +132,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                            lse_square_scale, softcap)
         if planned is not None:
             return (planned[0], planned[1].detach()) if return_lse else planned[0]
-    axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, softcap)
+    axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                       lse_square_scale, softcap)
     C = input.shape[axis]
     autocast = _autocast_on(input)
     labels, index_target = (None, target) if hard else (target, None)
@@ -250,6 +248,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if probabilities and ignore_index is not None:
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ignore_index = -100 if ignore_index is None else ignore_index
+    v.check_options(reduction, label_smoothing, softcap, ignore_index, lse_square_scale)
 
     if out_features:
         # A K-dimensional loss softmaxes over C at each position: the chunked path does not apply.
@@ -265,6 +264,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if probabilities:
         v.check_float("target", target)
     else:
+        if target.dtype.is_floating_point and tuple(target.shape) == batch:
+            raise TypeError(f"target of dtype {target.dtype} and shape {tuple(target.shape)} for input shape "
+                            f"{tuple(input.shape)}: class indices must be int64 or int32, and probabilities "
+                            f"must have the logits' shape {logits_shape}")
         if target.dtype.is_floating_point:
             raise ValueError(f"probability target shape {tuple(target.shape)} must equal the logits' shape "
                              f"{logits_shape} (input shape {tuple(input.shape)}, {C} classes)")
@@ -275,7 +278,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                              f"{tuple(input.shape)}: expected {batch} (class indices) or {logits_shape} "
                              f"(probabilities)")
     v.check_weight(weight, C)
-    v.check_options(reduction, label_smoothing, softcap)
     if probabilities and target.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("linear_cross_entropy: gradients with respect to probability targets are not "
                                   "supported; pass target.detach()")

@@ -16,7 +16,7 @@ O(rows) statistics and the backward recomputes each chunk's logits.
 import torch
 import torch.nn.functional as F
 
-from .layout import acc_dtype
+from .layout import acc_dtype, stats_shape
 from . import ops
 from .ops import torch_result_dtype
 from .reduction import divide, mean_denominator, row_grad_scale
@@ -81,7 +81,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         out_dtype = torch_result_dtype(cd, None if hard else target, weight, autocast)
         with torch.autocast(input.device.type, enabled=False):
             x, w, b = (t.to(cd) if t is not None else None for t in (input, linear_weight, linear_bias))
-            stats = _RowStats(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
+            chunk_loss = _ChunkLoss(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
             denom = mean_denominator(n, target if hard else None, ignore_index, weight) \
                 if reduction == "mean" else None
             # Reduced losses: gradients now, for upstream gradient 1; 'none': statistics for the backward.
@@ -90,18 +90,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 scale = row_grad_scale(denom, loss_dtype, input.device)
                 grads = _GradSums(x, w, b, need, accum_dtype)
             loss = torch.empty(n, dtype=loss_dtype, device=input.device)
-            lse = qsum = None
+            stats = None
             if any(need) and not eager:
-                lse = torch.empty(n, dtype=loss_dtype, device=input.device)
-                qsum = torch.empty_like(lse)
+                stats = torch.empty(stats_shape(n), dtype=loss_dtype, device=input.device)
             for r in _chunks(n, chunk):
                 logits = F.linear(x[r], w, b)
-                loss[r], lse_r, qsum_r = stats.forward(logits, r)
+                loss[r], _lse, stats_r = chunk_loss.forward(logits, r)
                 if eager:
-                    stats.backward_into(logits, r, scale.expand(logits.shape[0]), lse_r, qsum_r)
+                    chunk_loss.backward_into(logits, r, scale.expand(logits.shape[0]), stats_r)
                     grads.fold(logits, x[r], w, r)
-                elif lse is not None:
-                    lse[r], qsum[r] = lse_r, qsum_r
+                elif stats is not None:
+                    stats[:, r] = stats_r
                 # Let the chunk go before the next one is made: one chunk of logits alive, not two.
                 del logits
             if reduction == "sum":
@@ -117,7 +116,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if eager:
             ctx.grads = grads
         elif any(need):
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, qsum)
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats)
             ctx.cd = cd
         return out
 
@@ -140,7 +139,7 @@ def _chunks(n, chunk):
     return (slice(r0, min(r0 + chunk, n)) for r0 in range(0, n, chunk))
 
 
-class _RowStats:
+class _ChunkLoss:
     """The loss kernels on one chunk's (rows, classes) logits, through ``ops`` (see ops._direct)."""
 
     def __init__(self, target, weight, ignore_index, smoothing, z_scale, softcap, hard):
@@ -155,10 +154,10 @@ class _RowStats:
         labels, t = self._rows(r)
         return ops.forward(logits, labels, t, self.weight, 1, *self.opts, True)
 
-    def backward_into(self, logits, r, g, lse, qsum):
-        """dlogits for upstream gradients ``g``, written over ``logits``."""
+    def backward_into(self, logits, r, g, stats):
+        """dlogits for upstream gradients ``g``, written over ``logits``; ``stats``: the chunk's statistics."""
         labels, t = self._rows(r)
-        ops.backward_inplace(g, logits, labels, t, self.weight, lse, qsum, 1, *self.opts, False)
+        ops.backward_inplace(g, logits, labels, t, self.weight, stats, 1, *self.opts, False)
 
 
 class _GradSums:
@@ -222,18 +221,18 @@ def _accumulate_mm(acc, a, b):
 
 def _recompute_grads(ctx, grad_out):
     """reduction='none': recompute each chunk's logits and fold its dlogits for the rows' own gradients."""
-    input, linear_weight, linear_bias, target, weight, lse, qsum = ctx.saved_tensors
+    input, linear_weight, linear_bias, target, weight, stats = ctx.saved_tensors
     ignore_index, _reduction, smoothing, z_scale, softcap, chunk, accum_dtype, _ = ctx.params
     need = tuple(ctx.needs_input_grad[:3])
     hard = not target.dtype.is_floating_point
     with torch.autocast(input.device.type, enabled=False):
         x, w, b = (t.to(ctx.cd) if t is not None else None for t in (input, linear_weight, linear_bias))
-        stats = _RowStats(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
+        chunk_loss = _ChunkLoss(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
         grads = _GradSums(x, w, b, need, accum_dtype)
         g = grad_out.reshape(-1)
         for r in _chunks(x.shape[0], chunk):
             logits = F.linear(x[r], w, b)
-            stats.backward_into(logits, r, g[r], lse[r], qsum[r])
+            chunk_loss.backward_into(logits, r, g[r], stats[:, r])
             grads.fold(logits, x[r], w, r)
             del logits
         return grads.scaled(None, ctx.dtypes)

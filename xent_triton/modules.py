@@ -61,7 +61,8 @@ class LinearCrossEntropyLoss(nn.Module):
                  lse_square_scale=0.0, softcap=None, chunk_size=None, accum_dtype=None):
         super().__init__()
         v.check_weight(weight, num_classes)
-        v.check_options(reduction, label_smoothing, softcap)
+        v.check_options(reduction, label_smoothing, softcap, -100 if ignore_index is None else ignore_index,
+                        lse_square_scale)
         self.num_classes = num_classes
         self.out_features = tuple(out_features)
         self.linear = nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,

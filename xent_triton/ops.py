@@ -1,16 +1,18 @@
 """The ``torch.library`` custom ops behind every public entry point.
 
-``xent_triton::forward`` returns the per-row loss plus two O(rows) statistics
-(lse and the label mass sum(q)); its autograd formula calls
+``xent_triton::forward`` returns the per-row loss and lse, and the O(rows)
+statistics the backward reads (layout.stats_shape: the row max, the log of the
+sum of exp and the label mass, one (3, rows) tensor); its autograd formula calls
 ``xent_triton::backward``. The fused step (function.FusedStepCrossEntropy,
-eager only) uses ``xent_triton::step`` and ``xent_triton::backward_scaled``. Both have fake implementations, so torch.compile
-traces them without a graph break, and both pick their backend (Triton or the
+eager only) uses ``xent_triton::step`` and ``xent_triton::backward_scaled``.
+Both have fake implementations, so torch.compile traces them without a graph break, and both pick their backend (Triton or the
 torch fallback) at run time, inside the op.
 
 Saved for backward: the inputs themselves and the O(rows) statistics, never
 an N x V intermediate (the fused step's dlogits, written by its forward, is
 the gradient itself, which the backward hands on).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from . import backend
 from ._alloc import new_output
-from .layout import acc_dtype, batch_shape, check_inplace, grad_buffer_shape, make_rows
+from .layout import acc_dtype, batch_shape, check_inplace, grad_buffer_shape, make_rows, stats_shape
 from .reduction import divide, reduce_rows
 
 
@@ -75,11 +77,14 @@ def _forward_impl(
     axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     loss_fp32: bool, class_offset: int = 0, n_classes: int = -1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, qsum). ``class_offset``/``n_classes`` describe a vocabulary shard."""
+    """Per-row (loss, lse) of the logits' batch shape, and the (3, rows) statistics. ``class_offset``/``n_classes``
+    describe a vocabulary shard."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
-    out = _run(logits.device, "forward", rows, ignore_index, label_smoothing, lse_square_scale, softcap,
-               loss_dtype_of(logits, loss_fp32, labels))
-    return out if len(rows.batch_shape) == 1 else tuple(t.view(rows.batch_shape) for t in out)
+    loss, lse, stats = _run(logits.device, "forward", rows, ignore_index, label_smoothing, lse_square_scale,
+                            softcap, loss_dtype_of(logits, loss_fp32, labels))
+    if len(rows.batch_shape) != 1:
+        loss, lse = loss.view(rows.batch_shape), lse.view(rows.batch_shape)
+    return loss, lse, stats
 
 
 xent_forward = torch.library.custom_op("xent_triton::forward", mutates_args=())(_forward_impl)
@@ -91,7 +96,7 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
     shape = batch_shape(logits.shape, axis)
     stat = _stat_dtype(logits, labels)
     return (logits.new_empty(shape, dtype=loss_dtype_of(logits, loss_fp32, labels)),
-            logits.new_empty(shape, dtype=stat), logits.new_empty(shape, dtype=stat))
+            logits.new_empty(shape, dtype=stat), logits.new_empty(stats_shape(math.prod(shape)), dtype=stat))
 
 
 def _fake_alloc(shape, dtype, device):
@@ -128,33 +133,29 @@ def _as_grads(dx, dy, logits, labels, axis):
 
 def _backward_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
-    lse: Tensor, qsum: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    stats: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
     softcap: float, need_dlogits: bool, need_dlabels: bool, class_offset: int = 0, n_classes: int = -1,
 ) -> Tuple[Tensor, Tensor]:
-    """(dlogits, dlabels); a gradient not asked for comes back as an empty tensor."""
-    return _backward_rows(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+    """(dlogits, dlabels) from the forward's ``stats``; a gradient not asked for comes back as an empty tensor."""
+    return _backward_rows(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
                           lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset, n_classes)
 
 
-def _backward_rows(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+def _backward_rows(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
                    lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1, denom=None):
     """_backward_impl, with the upstream gradient divided by ``denom`` (a mean's, a device tensor) first."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, new_output)
-    _run(logits.device, "backward", rows, grad, _flat(lse), _flat(qsum), ignore_index, label_smoothing,
-         lse_square_scale, softcap, dx, dy, denom=denom)
+    _run(logits.device, "backward", rows, grad, stats, ignore_index, label_smoothing, lse_square_scale, softcap,
+         dx, dy, denom=denom)
     return _as_grads(dx, dy, logits, labels, axis)
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t if t.dim() == 1 else t.reshape(-1)
 
 
 xent_backward = torch.library.custom_op("xent_triton::backward", mutates_args=())(_backward_impl)
 
 
 @xent_backward.register_fake
-def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
+def _(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing, lse_square_scale,
       softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1):
     dx, dy = _grad_buffers(logits, labels, axis, need_dlogits, need_dlabels, _fake_alloc)
     return _as_grads(dx, dy, logits, labels, axis)
@@ -162,11 +163,11 @@ def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label
 
 def _setup_context(ctx, inputs, output):
     logits, labels, target, weight, axis, ignore_index, label_smoothing, z, softcap, _fp32, offset, n_classes = inputs
-    _loss, lse, qsum = output
-    ctx.save_for_backward(logits, labels, target, weight, lse, qsum)
+    _loss, lse, stats = output
+    ctx.save_for_backward(logits, labels, target, weight, stats)
     ctx.params = (axis, ignore_index, label_smoothing, z, softcap)
     ctx.shard = (offset, n_classes)
-    ctx.mark_non_differentiable(lse, qsum)
+    ctx.mark_non_differentiable(lse, stats)
 
 
 def _refuse_double_backward():
@@ -210,8 +211,8 @@ def _second_order(first, grad_rows, logits, labels, target, weight, axis, ignore
                  for value, need in zip(first, (need_dx, need_dy)))
 
 
-def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
-    logits, labels, target, weight, lse, qsum = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_lse, _grad_stats):
+    logits, labels, target, weight, stats = ctx.saved_tensors
     need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     # grad_loss is None when the direct path does not materialize gradients and the loss went unused.
     if grad_loss is None or not (need_dx or need_dy):
@@ -224,7 +225,7 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_qsum):
         return _second_order(first, grad_loss, logits, labels, target, weight, *ctx.params, need_dx,
                              need_dy) + (None,) * 10
     dlogits, dlabels = backward(
-        grad_loss, logits, labels, target, weight, lse, qsum, *ctx.params, need_dx, need_dy, *ctx.shard)
+        grad_loss, logits, labels, target, weight, stats, *ctx.params, need_dx, need_dy, *ctx.shard)
     return (dlogits if need_dx else None, dlabels if need_dy else None) + (None,) * 10
 
 
@@ -241,7 +242,7 @@ class _ForwardFunction(torch.autograd.Function):
     def forward(ctx, *args):
         out = _forward_impl(*args)
         _setup_context(ctx, args, out)
-        # lse and qsum never get a gradient: materializing zeros for them cost two kernels per backward.
+        # lse and stats never get a gradient: materializing zeros for them cost two kernels per backward.
         ctx.set_materialize_grads(False)
         return out
 
@@ -251,25 +252,25 @@ class _ForwardFunction(torch.autograd.Function):
 
 
 class _PlannedForwardFunction(torch.autograd.Function):
-    """``_ForwardFunction`` for a call signature seen before: the per-row (loss, lse, qsum) through its
+    """``_ForwardFunction`` for a call signature seen before: the per-row (loss, lse, stats) through its
     call_plans.RowPlan, whose metadata and launches were worked out once. Five arguments, not twelve:
     Function.apply walks them on every call."""
 
     @staticmethod
     def forward(ctx, logits, labels, target, weight, plan):
-        loss, lse, qsum = plan.forward(logits, labels, target, weight)
-        ctx.save_for_backward(logits, labels, target, weight, lse, qsum)
+        loss, lse, stats = plan.forward(logits, labels, target, weight)
+        ctx.save_for_backward(logits, labels, target, weight, stats)
         ctx.plan = plan
-        ctx.mark_non_differentiable(lse, qsum)
+        ctx.mark_non_differentiable(lse, stats)
         ctx.set_materialize_grads(False)
-        return loss, lse, qsum
+        return loss, lse, stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_qsum):
+    def backward(ctx, grad_loss, _grad_lse, _grad_stats):
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None or not (need_dx or need_dy):
             return (None,) * 5
-        logits, labels, target, weight, lse, qsum = ctx.saved_tensors
+        logits, labels, target, weight, stats = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True
             with torch.no_grad():
@@ -277,12 +278,12 @@ class _PlannedForwardFunction(torch.autograd.Function):
             return _second_order(first, grad_loss, logits, labels, target, weight, plan.axis, *plan.options,
                                  need_dx, need_dy) + (None,) * 3
         planned = None
-        if _direct(grad_loss, logits, labels, target, weight, lse, qsum):
-            planned = plan.backward(grad_loss, logits, labels, target, weight, lse, qsum, need_dx, need_dy, None)
+        if _direct(grad_loss, logits, labels, target, weight, stats):
+            planned = plan.backward(grad_loss, logits, labels, target, weight, stats, need_dx, need_dy, None)
         if planned is not None:
             dlogits, dlabels = planned
         else:  # the general path: compiled autograd, fake tensors and subclasses need the custom op
-            dlogits, dlabels = backward(grad_loss, logits, labels, target, weight, lse, qsum, plan.axis,
+            dlogits, dlabels = backward(grad_loss, logits, labels, target, weight, stats, plan.axis,
                                         *plan.options, need_dx, need_dy)
         return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None
 
@@ -292,7 +293,7 @@ class _ReducedFunction(torch.autograd.Function):
 
     Composed of ops (the per-row loss, a sum, a division and a cast), a training step also ran three
     more autograd nodes and five more small kernels in the backward (the cast back, the division, the
-    expand, zero gradients for lse and qsum), each costing host time, which sets the time of small
+    expand, zero gradients for lse and the statistics), each costing host time, which sets the time of small
     problems (perf/NOTES.md P14). Here the backward kernel reads the one-element upstream gradient with
     zero strides and divides it by a device denominator (class indices' count or weight sum) itself,
     rounded as torch's division (kernels/row_math.divided_grad): the same gradient bits as the
@@ -308,13 +309,13 @@ class _ReducedFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, target, weight, params, denom, plan=None):
         axis, ignore_index, label_smoothing, lse_square_scale, softcap, reduction, out_dtype = params
         if plan is None:
-            loss, lse, qsum = _forward_impl(logits, labels, target, weight, axis, ignore_index, label_smoothing,
-                                            lse_square_scale, softcap, True)
+            loss, lse, stats = _forward_impl(logits, labels, target, weight, axis, ignore_index, label_smoothing,
+                                             lse_square_scale, softcap, True)
         else:
-            loss, lse, qsum = plan.forward(logits, labels, target, weight)
+            loss, lse, stats = plan.forward(logits, labels, target, weight)
         total = reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype)
         dev_denom = denom if isinstance(denom, Tensor) else None
-        ctx.save_for_backward(logits, labels, target, weight, lse, qsum, dev_denom)
+        ctx.save_for_backward(logits, labels, target, weight, stats, dev_denom)
         ctx.host_denom = denom if dev_denom is None else None
         ctx.params, ctx.plan = params, plan
         ctx.mark_non_differentiable(lse)
@@ -326,17 +327,17 @@ class _ReducedFunction(torch.autograd.Function):
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad is None or not (need_dx or need_dy):
             return (None,) * 7
-        logits, labels, target, weight, lse, qsum, dev_denom = ctx.saved_tensors
+        logits, labels, target, weight, stats, dev_denom = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             with torch.no_grad():
                 first = _ReducedFunction.backward(ctx, grad.detach(), None)[:2]
-            g = grad.to(lse.dtype)
+            g = grad.to(stats.dtype)
             denom = dev_denom if dev_denom is not None else ctx.host_denom
-            g = (divide(g, denom) if denom is not None else g).expand(lse.shape)
+            g = (divide(g, denom) if denom is not None else g).expand(stats.shape[1])
             return _second_order(first, g, logits, labels, target, weight, *ctx.params[:5], need_dx,
                                  need_dy) + (None,) * 5
-        direct = _direct(grad, logits, labels, target, weight, lse, qsum, dev_denom)
-        inputs = (logits, labels, target, weight, lse, qsum, *ctx.params[:5], need_dx, need_dy)
+        direct = _direct(grad, logits, labels, target, weight, stats, dev_denom)
+        inputs = (logits, labels, target, weight, stats, *ctx.params[:5], need_dx, need_dy)
         if direct and ctx.host_denom is None:
             # The one-element gradient as it is: the backends read it for every row (zero strides), and
             # divide it by a device denominator themselves.
@@ -345,16 +346,16 @@ class _ReducedFunction(torch.autograd.Function):
             # The composition's gradient: autograd's cast, then its division. A row count (probabilities) is a
             # host number, which autograd on CUDA divides by as a multiply by its reciprocal, not the
             # kernel's division; compiled autograd, fake tensors and subclasses need the custom op.
-            g = grad.to(lse.dtype)
+            g = grad.to(stats.dtype)
             denom = dev_denom if dev_denom is not None else ctx.host_denom
             if denom is not None:
                 g = divide(g, denom)
             if not direct:
-                dlogits, dlabels = backward(g.expand(lse.shape), *inputs)
+                dlogits, dlabels = backward(g.expand(stats.shape[1]), *inputs)
                 return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None, None, None
             denom = None
-        planned = None if ctx.plan is None else ctx.plan.backward(g, logits, labels, target, weight, lse, qsum,
-                                                                 need_dx, need_dy, denom)
+        planned = None if ctx.plan is None else ctx.plan.backward(g, logits, labels, target, weight, stats, need_dx,
+                                                                 need_dy, denom)
         if planned is not None:
             return (*planned, None, None, None, None, None)
         dlogits, dlabels = _backward_rows(g, *inputs, denom=denom)
@@ -363,7 +364,7 @@ class _ReducedFunction(torch.autograd.Function):
 
 def _backward_inplace_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
-    lse: Tensor, qsum: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    stats: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
     softcap: float, need_dlabels: bool,
 ) -> Tensor:
     """Like ``backward``, but dlogits is written over ``logits`` (the in-place memory mode).
@@ -373,8 +374,8 @@ def _backward_inplace_impl(
     rows = make_rows(logits, labels, target, weight, axis)
     check_inplace(rows, logits, axis)
     _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, new_output)
-    _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-         lse_square_scale, softcap, rows.logits, dy)
+    _run(logits.device, "backward", rows, grad, stats, ignore_index, label_smoothing, lse_square_scale, softcap,
+         rows.logits, dy)
     return _as_grads(None, dy, logits, labels, axis)[1]
 
 
@@ -383,7 +384,7 @@ xent_backward_inplace = torch.library.custom_op("xent_triton::backward_inplace",
 
 
 @xent_backward_inplace.register_fake
-def _(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing, lse_square_scale,
+def _(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing, lse_square_scale,
       softcap, need_dlabels):
     _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, _fake_alloc)
     return _as_grads(None, dy, logits, labels, axis)[1]
@@ -394,7 +395,7 @@ def _step_impl(
     axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     loss_fp32: bool, scale: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, qsum), ``dlogits = scale * dloss/dlogits`` from one kernel (the fused step), and
+    """Per-row (loss, lse, stats), ``dlogits = scale * dloss/dlogits`` from one kernel (the fused step), and
     ``written`` (one int32): whether dlogits was written (the device's step policy may skip it).
 
     ``scale`` is a one-element tensor: the upstream gradient each row is expected to get.
@@ -402,10 +403,10 @@ def _step_impl(
     rows = make_rows(logits, labels, target, weight, axis)
     dx, _ = _grad_buffers(logits, labels, axis, True, False, new_output)
     loss_dtype = loss_dtype_of(logits, loss_fp32, labels)
-    loss, lse, qsum, written = _run(logits.device, "step", rows, ignore_index, label_smoothing, lse_square_scale,
-                                    softcap, loss_dtype, scale, dx)
-    return (tuple(t.view(rows.batch_shape) for t in (loss, lse, qsum))
-            + (_as_grads(dx, None, logits, labels, axis)[0], written))
+    loss, lse, stats, written = _run(logits.device, "step", rows, ignore_index, label_smoothing, lse_square_scale,
+                                     softcap, loss_dtype, scale, dx)
+    return (loss.view(rows.batch_shape), lse.view(rows.batch_shape), stats,
+            _as_grads(dx, None, logits, labels, axis)[0], written)
 
 
 xent_step = torch.library.custom_op("xent_triton::step", mutates_args=())(_step_impl)
@@ -426,15 +427,15 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
 # (functional._takes_fused_step), so no compiled graph reorders them.
 def _backward_scaled_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
-    lse: Tensor, qsum: Tensor, scale: Tensor, written: Tensor, dlogits: Tensor, axis: int, ignore_index: int,
+    stats: Tensor, scale: Tensor, written: Tensor, dlogits: Tensor, axis: int, ignore_index: int,
     label_smoothing: float, lse_square_scale: float, softcap: float,
 ) -> None:
     """Finish the dlogits of ``xent_triton::step``: if it was ``written`` for the upstream gradient
     ``scale``, rows whose ``grad`` equals ``scale`` are kept; every other row is recomputed (exactly,
     from the logits)."""
     rows = make_rows(logits, labels, target, weight, axis)
-    _run(logits.device, "backward", rows, grad, lse.reshape(-1), qsum.reshape(-1), ignore_index, label_smoothing,
-         lse_square_scale, softcap, dlogits.movedim(axis, -1), None, skip_scale=scale, written=written)
+    _run(logits.device, "backward", rows, grad, stats, ignore_index, label_smoothing, lse_square_scale, softcap,
+         dlogits.movedim(axis, -1), None, skip_scale=scale, written=written)
 
 
 xent_backward_scaled = torch.library.custom_op("xent_triton::backward_scaled",
@@ -442,7 +443,7 @@ xent_backward_scaled = torch.library.custom_op("xent_triton::backward_scaled",
 
 
 @xent_backward_scaled.register_fake
-def _(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index, label_smoothing,
+def _(grad, logits, labels, target, weight, stats, scale, written, dlogits, axis, ignore_index, label_smoothing,
       lse_square_scale, softcap):
     return None
 
@@ -492,7 +493,7 @@ def _refuse_forward_ad(*tensors):
 
 def forward(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32, class_offset=0, n_classes=-1):
-    """``xent_triton::forward``, differentiable: per-row (loss, lse, qsum)."""
+    """``xent_triton::forward``, differentiable: per-row (loss, lse) and the statistics (not differentiable)."""
     args = (logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32, class_offset, n_classes)
     if _direct(logits, labels, target, weight):
@@ -514,22 +515,22 @@ def forward_reduced(logits, labels, target, weight, axis, ignore_index, label_sm
     return reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype), lse
 
 
-def backward(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+def backward(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
              lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1):
     """``xent_triton::backward``: (dlogits, dlabels)."""
-    args = (grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+    args = (grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
             lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset, n_classes)
-    if _direct(grad, logits, labels, target, weight, lse, qsum):
+    if _direct(grad, logits, labels, target, weight, stats):
         return _backward_impl(*args)
     return torch.ops.xent_triton.backward(*args)
 
 
-def backward_inplace(grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+def backward_inplace(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
                      lse_square_scale, softcap, need_dlabels):
     """``xent_triton::backward_inplace``: dlogits over ``logits``; returns dlabels."""
-    args = (grad, logits, labels, target, weight, lse, qsum, axis, ignore_index, label_smoothing,
+    args = (grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
             lse_square_scale, softcap, need_dlabels)
-    if _direct(grad, logits, labels, target, weight, lse, qsum):
+    if _direct(grad, logits, labels, target, weight, stats):
         out = _backward_inplace_impl(*args)
         torch.autograd.graph.increment_version(logits)  # as the op's declared mutation does
         return out
@@ -538,7 +539,7 @@ def backward_inplace(grad, logits, labels, target, weight, lse, qsum, axis, igno
 
 def step(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
          loss_fp32, scale):
-    """``xent_triton::step``: (loss, lse, qsum, dlogits, written); not differentiable."""
+    """``xent_triton::step``: (loss, lse, stats, dlogits, written); not differentiable."""
     args = (logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
             loss_fp32, scale)
     if _direct(logits, labels, target, weight, scale):
@@ -546,12 +547,12 @@ def step(logits, labels, target, weight, axis, ignore_index, label_smoothing, ls
     return torch.ops.xent_triton.step(*args)
 
 
-def backward_scaled(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index,
+def backward_scaled(grad, logits, labels, target, weight, stats, scale, written, dlogits, axis, ignore_index,
                     label_smoothing, lse_square_scale, softcap):
     """``xent_triton::backward_scaled``: finishes the fused step's ``dlogits`` in place."""
-    args = (grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits, axis, ignore_index,
+    args = (grad, logits, labels, target, weight, stats, scale, written, dlogits, axis, ignore_index,
             label_smoothing, lse_square_scale, softcap)
-    if _direct(grad, logits, labels, target, weight, lse, qsum, scale, written, dlogits):
+    if _direct(grad, logits, labels, target, weight, stats, scale, written, dlogits):
         _backward_scaled_impl(*args)
         torch.autograd.graph.increment_version(dlogits)
         return None

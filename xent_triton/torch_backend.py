@@ -9,7 +9,8 @@ host syncs off the GPU path).
 import torch
 
 from ._alloc import new_output
-from .layout import Rows
+from .layout import Rows, stats_shape
+from .validation import IGNORE_NOTHING
 
 CHUNK_ELEMENTS = 1 << 21
 
@@ -63,8 +64,9 @@ def _row_target(rows: Rows, r0, r1, ignore_index, smoothing):
     active = t != ignore_index
     bad = active & ((t < 0) | (t >= rows.n_classes))
     if bool(bad.any()):
-        raise IndexError(f"class index {int(t[bad][0])} is out of range for {rows.n_classes} classes "
-                         f"(ignore_index={ignore_index})")
+        # TF's sparse loss has no ignore_index (it ignores nothing): its message names none.
+        ignoring = "" if ignore_index == IGNORE_NOTHING else f" (ignore_index={ignore_index})"
+        raise IndexError(f"class index {int(t[bad][0])} is out of range for {rows.n_classes} classes{ignoring}")
     local = t - rows.class_offset
     here = active & (local >= 0) & (local < rows.n_cols)
     local = torch.where(here, local, 0)
@@ -127,15 +129,16 @@ class _Target:
         return dx
 
 
-def _grad_coef(lse, qsum, z_scale, active):
-    coef = qsum + 2.0 * z_scale * lse
-    coef = torch.where(lse == float("-inf"), 0.0, coef)
+def _grad_coef(m, log_s, qsum, z_scale, active):
+    coef = qsum + 2.0 * z_scale * (m + log_s)
+    coef = torch.where(log_s == float("-inf"), 0.0, coef)
     return torch.where(active, coef, 0.0) if active is not None else coef
 
 
-def _dlogits(x, th, target: _Target, lse, coef, g, softcap):
-    # exp(-inf - lse) is 0 except on a row with no softmax (lse = -inf).
-    p = torch.where(x == float("-inf"), 0.0, torch.exp(x - lse[:, None]))
+def _dlogits(x, th, target: _Target, m, log_s, coef, g, softcap):
+    # A -inf logit has softmax 0, also on a row with no softmax (log_s = -inf), where the exp is NaN.
+    # (x - m) - log_s, not x - lse: see layout.stats_shape.
+    p = torch.where(x == float("-inf"), 0.0, torch.exp((x - m[:, None]) - log_s[:, None]))
     dx = target.subtract_from(g[:, None] * p * coef[:, None], g)
     if softcap:
         dx = dx * (1.0 - th * th)
@@ -146,10 +149,11 @@ def _dlogits(x, th, target: _Target, lse, coef, g, softcap):
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
             loss_dtype: torch.dtype):
+    """Per-row loss and lse, and the (3, rows) statistics (layout.stats_shape)."""
     dev = rows.logits.device
     loss_out = new_output((rows.n_rows,), loss_dtype, dev)
     lse_out = new_output((rows.n_rows,), rows.acc, dev)
-    qsum_out = new_output((rows.n_rows,), rows.acc, dev)
+    stats_out = new_output(stats_shape(rows.n_rows), rows.acc, dev)
     for r0, r1, x_raw, y in _chunks(rows):
         x, _ = _capped(x_raw.to(rows.acc), softcap)
         target = _Target(rows, y, r0, r1, ignore_index, smoothing)
@@ -165,11 +169,11 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
         loss = log_s * qsum - d + z_scale * lse * lse
         loss = torch.where((lse == float("-inf")) & (nnz == 0), 0.0, loss)
         if target.active is not None:
-            loss, lse, qsum = (torch.where(target.active, v, 0.0) for v in (loss, lse, qsum))
+            loss, lse, m, log_s, qsum = (torch.where(target.active, v, 0.0) for v in (loss, lse, m, log_s, qsum))
         loss_out[r0:r1] = loss
         lse_out[r0:r1] = lse
-        qsum_out[r0:r1] = qsum
-    return loss_out, lse_out, qsum_out
+        stats_out[:, r0:r1] = torch.stack((m, log_s, qsum.to(rows.acc)))
+    return loss_out, lse_out, stats_out
 
 
 def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
@@ -177,12 +181,12 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     """See triton_backend.step. Here it is the forward then the backward for an upstream ``scale``:
     the fallback has no second read to save, only the semantics to match."""
     out = forward(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype)
-    backward(rows, scale.reshape(()).expand(rows.n_rows), out[1], out[2], ignore_index, smoothing, z_scale,
-             softcap, dx_buf, None)
+    backward(rows, scale.reshape(()).expand(rows.n_rows), out[2], ignore_index, smoothing, z_scale, softcap,
+             dx_buf, None)
     return out + (torch.ones(1, dtype=torch.int32, device=rows.logits.device),)
 
 
-def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
+def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
     """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
     g_all = (grad.expand(rows.n_rows) if grad.dim() == 0 else grad.reshape(rows.n_rows)).to(rows.acc)
@@ -198,12 +202,13 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     if dx_buf is not None:
         dx3 = rows.as_3d(dx_buf, rows.x_strides if dx_buf is rows.logits else contiguous)
     dy3 = rows.as_3d(dy_buf, contiguous) if dy_buf is not None else None
+    m_all, log_s_all, qsum_all = stats.unbind(0)
     for r0, r1, x_raw, y in _chunks(rows):
         # x may alias dx_buf: dlabels and dlogits are computed in full before dlogits is written.
         x, th = _capped(x_raw.to(rows.acc), softcap)
-        g = g_all[r0:r1]
+        g, m, log_s = g_all[r0:r1], m_all[r0:r1], log_s_all[r0:r1]
         if dy3 is not None:
-            dy = g[:, None] * (lse[r0:r1, None] - x)
+            dy = g[:, None] * (log_s[:, None] - (x - m[:, None]))
             if smoothing:
                 dy = dy * (1.0 - smoothing)
             if rows.weight is not None:
@@ -213,8 +218,8 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
             target = _Target(rows, y, r0, r1, ignore_index, smoothing)
             if target.active is not None:
                 g = torch.where(target.active, g, 0.0)
-            coef = _grad_coef(lse[r0:r1], qsum[r0:r1], z_scale, target.active)
-            dx = _dlogits(x, th, target, lse[r0:r1], coef, g, softcap)
+            coef = _grad_coef(m, log_s, qsum_all[r0:r1], z_scale, target.active)
+            dx = _dlogits(x, th, target, m, log_s, coef, g, softcap)
             if redo is not None:
                 # Selected, not branched on: deciding per chunk would be a host sync on CUDA.
                 dx = torch.where(redo[r0:r1, None], dx, _read_rows(dx3, rows, r0, r1))

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import backend, functional, ops
+from . import validation as v
 
 _MARK = "__xent_triton_replaces__"
 # torch.compile and torch.export trace the patched function on these; the custom ops take them.
@@ -44,11 +45,16 @@ def _ours(tensors, weight) -> bool:
     return _runs_kernels(tensors[0].device)
 
 
-@torch.compiler.assume_constant_result
 def _runs_kernels(device: torch.device) -> bool:
     # Traced by torch.compile, the route is fixed when the graph is made (its custom op still reads the
     # backend variable at each call); Dynamo runs this instead of tracing the backend's cached lookups.
     return device.type in ("cuda", "cpu") and backend.choose(device) == "triton"
+
+
+# What torch.compiler.assume_constant_result(_runs_kernels) would do, without its import of torch._dynamo,
+# which takes a second and loads triton (whose LLVM aborts a process that has loaded TensorFlow's). A test
+# checks that the decorator sets this flag (tests/test_torch_patch.py); without it Dynamo traces the function.
+_runs_kernels._dynamo_marked_constant = True
 
 
 def _wrap(original):
@@ -73,9 +79,12 @@ def _overridden(tensors) -> bool:
 
 def _cross_entropy_route(input, target, weight) -> bool:
     """Class-index targets torch takes and the kernels do not (uint8), and inputs without classes, stay
-    with torch."""
+    with torch. A floating target of another shape than the input's goes to xent_triton, on any device:
+    its error (class indices of a floating dtype, or a shape mismatch) is then the same everywhere."""
     if not target.is_floating_point() and target.dtype not in (torch.int64, torch.int32):
         return False
+    if target.is_floating_point() and target.shape != input.shape:
+        return True
     return input.shape[1 if input.dim() > 1 else 0] > 0 and _ours((input, target, weight), weight)
 
 
@@ -87,6 +96,9 @@ def _patched_cross_entropy(original: Callable, input: Tensor, target: Tensor, we
         return handle_torch_function(original, (input, target, weight), input, target, weight=weight,
                                      size_average=size_average, ignore_index=ignore_index, reduce=reduce,
                                      reduction=reduction, label_smoothing=label_smoothing)
+    # The scalar arguments get xent_triton's checks whichever way the call goes: the same error on every route.
+    v.check_options(reduction if size_average is None and reduce is None else "mean", label_smoothing, None,
+                    ignore_index)
     fn = functional.cross_entropy if _cross_entropy_route(input, target, weight) else original
     return fn(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
 
@@ -115,6 +127,7 @@ def _linear_cross_entropy_for(original):
                       label_smoothing=label_smoothing, options=options)
         if has_torch_function(tensors) and _overridden(tensors):
             return handle_torch_function(original, tensors, input, linear_weight, target, **kwargs)
+        v.check_options(reduction, label_smoothing, None, -100 if ignore_index is None else ignore_index)
         # Probability targets that require grad, and uint8 class indices, stay with torch.
         ours = (not target.requires_grad if target.is_floating_point()
                 else target.dtype in (torch.int64, torch.int32)) and _ours(tensors, weight)

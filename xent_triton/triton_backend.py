@@ -13,7 +13,7 @@ import triton.language as tl
 from . import kernels, launch_config
 from ._alloc import new_output
 from .launcher import Launcher
-from .layout import Rows
+from .layout import Rows, stats_shape
 
 # Launched through Launcher: Triton binds each kernel's ~25-50 arguments once per specialization,
 # not on every call (xent_triton/launcher.py).
@@ -93,10 +93,10 @@ def _options(ignore_index: int, smoothing: float, z_scale: float, softcap: float
 
 
 def _row_outputs(rows: Rows, loss_dtype: torch.dtype):
-    """Per-row loss, lse and label mass buffers."""
+    """Per-row loss and lse buffers, and the (3, rows) statistics (layout.stats_shape)."""
     dev = rows.logits.device
     return (new_output((rows.n_rows,), loss_dtype, dev), new_output((rows.n_rows,), rows.acc, dev),
-            new_output((rows.n_rows,), rows.acc, dev))
+            new_output(stats_shape(rows.n_rows), rows.acc, dev))
 
 
 @dataclass(frozen=True)
@@ -121,38 +121,39 @@ def forward_plan(rows: Rows, ignore_index: int, smoothing: float, z_scale: float
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
             loss_dtype: torch.dtype):
-    """Per-row loss, lse and label mass sum(q)."""
+    """Per-row loss and lse, and the (3, rows) statistics the backward reads (layout.stats_shape)."""
     return run_forward(forward_plan(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype), rows)
 
 
 def run_forward(plan: ForwardPlan, rows: Rows):
     """``forward`` with its launches planned (``forward_plan`` of this row view's metadata)."""
-    loss, lse, qsum = _row_outputs(rows, plan.loss_dtype)
+    loss, lse, stats = _row_outputs(rows, plan.loss_dtype)
     n = rows.n_rows
     if n == 0:
-        return loss, lse, qsum
+        return loss, lse, stats
     inputs, options, flags, short = _inputs(rows), plan.options, plan.flags, plan.rows_tile
+    outputs = (loss, lse, stats, stats.stride(0))
     if short is not None:
         xent_rows_forward_kernel[(launch_config.cdiv(n, short.rows),)](
-            *inputs, loss, lse, qsum, *_row_geometry(rows), *options,
+            *inputs, *outputs, *_row_geometry(rows), *options,
             ROWS=short.rows, BLOCK=short.block, num_warps=short.num_warps, **flags,
         )
-        return loss, lse, qsum
+        return loss, lse, stats
     cfg = plan.launch
     part = new_output((5, n, cfg.split), rows.acc, rows.logits.device) if cfg.split > 1 else lse
     xent_forward_kernel[(n, cfg.split)](
-        *inputs, loss, lse, qsum, part, *_row_geometry(rows), cfg.cols_per_prog, *options,
+        *inputs, *outputs, part, *_row_geometry(rows), cfg.cols_per_prog, *options,
         SPLIT=cfg.split, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides), BLOCK=cfg.block,
         EPT=launch_config.slice_width(cfg.block, cfg.num_warps, rows.logits.element_size()), STAGES=cfg.stages,
         num_warps=cfg.num_warps, **flags,
     )
     if cfg.split > 1:
         xent_combine_kernel[(n,)](
-            *inputs[-4:], loss, lse, qsum, part, *_row_geometry(rows), *options[:5],  # target, weight; no softcap
+            *inputs[-4:], *outputs, part, *_row_geometry(rows), *options[:5],  # target, weight; no softcap
             HARD=flags["HARD"], HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_Z=flags["HAS_Z"],
             SPLIT=cfg.split, SPLIT_P2=launch_config.next_pow2(cfg.split), ACC=flags["ACC"], num_warps=1,
         )
-    return loss, lse, qsum
+    return loss, lse, stats
 
 
 _STEP_POLICY = {}
@@ -184,25 +185,25 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
     """The forward that also writes ``dx_buf = scale * dloss/dlogits`` (a contiguous (*batch, V) buffer),
     while the device's step_policy flag allows it.
 
-    ``scale`` is a one-element tensor (no host sync reads it). Returns per-row loss, lse and
-    label mass, and a one-element int32 tensor: whether dx_buf was written.
+    ``scale`` is a one-element tensor (no host sync reads it). Returns per-row loss and lse, the
+    statistics (as ``forward``), and a one-element int32 tensor: whether dx_buf was written.
     """
     n, V = rows.n_rows, rows.n_cols
-    loss, lse, qsum = _row_outputs(rows, loss_dtype)
+    loss, lse, stats = _row_outputs(rows, loss_dtype)
     # One snapshot of the flag for the whole launch (and for this call's backward).
     wrote = step_policy(rows.logits.device).clone()
     if n == 0:
-        return loss, lse, qsum, wrote
+        return loss, lse, stats, wrote
     cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device, rows.target is not None)
     xent_step_kernel[(min(n, cfg.programs),)](
-        *_inputs(rows), scale, wrote, loss, lse, qsum, dx_buf, *_row_geometry(rows),
+        *_inputs(rows), scale, wrote, loss, lse, stats, stats.stride(0), dx_buf, *_row_geometry(rows),
         *_options(ignore_index, smoothing, z_scale, softcap),
         HAS_Z=z_scale != 0.0, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides),
         DX_ALIGNED=_aligned_like(rows, dx_buf, _contiguous_strides(rows)), BLOCK=cfg.block,
         EPT=launch_config.slice_width(cfg.block, cfg.num_warps, rows.logits.element_size()), STAGES=cfg.stages,
         num_warps=cfg.num_warps, **_flags(rows, smoothing, softcap),
     )
-    return loss, lse, qsum, wrote
+    return loss, lse, stats, wrote
 
 
 @dataclass(frozen=True)
@@ -227,9 +228,10 @@ def backward_plan(rows: Rows, ignore_index: int, smoothing: float, z_scale: floa
     return BackwardPlan(_options(ignore_index, smoothing, z_scale, softcap), short, cfg, flags)
 
 
-def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoothing: float, z_scale: float,
+def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
-    """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None).
+    """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None), from the
+    statistics ``forward`` returned (a (3, rows) tensor whose rows may be strided).
 
     ``dx_buf`` is a contiguous (*batch, V) buffer or, in the in-place mode, the
     class-last logits view itself; ``dy_buf`` is contiguous. After a fused step,
@@ -240,10 +242,10 @@ def backward(rows: Rows, grad: torch.Tensor, lse, qsum, ignore_index: int, smoot
     """
     plan = backward_plan(rows, ignore_index, smoothing, z_scale, softcap, dx_buf is not None, dy_buf is not None,
                          denom is not None, skip_scale is not None)
-    run_backward(plan, rows, grad, lse, qsum, dx_buf, dy_buf, skip_scale, written, denom)
+    run_backward(plan, rows, grad, stats, dx_buf, dy_buf, skip_scale, written, denom)
 
 
-def run_backward(plan: BackwardPlan, rows: Rows, grad: torch.Tensor, lse, qsum, dx_buf, dy_buf, skip_scale=None,
+def run_backward(plan: BackwardPlan, rows: Rows, grad: torch.Tensor, stats, dx_buf, dy_buf, skip_scale=None,
                  written=None, denom=None):
     """``backward`` with its launches planned (``backward_plan`` of the same metadata and buffers)."""
     n = rows.n_rows
@@ -255,7 +257,8 @@ def run_backward(plan: BackwardPlan, rows: Rows, grad: torch.Tensor, lse, qsum, 
         g = grad if grad.dim() == 1 else grad.reshape(n)
         sg = g.stride(0)
     # Inputs, upstream gradient and statistics, then the outputs (unused ones get the logits' pointer).
-    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, denom if denom is not None else rows.logits, lse, qsum,
+    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, denom if denom is not None else rows.logits,
+                stats, stats.stride(0),
                 dx_buf if dx_buf is not None else rows.logits,
                 *(_row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)),
                 dy_buf if dy_buf is not None else rows.logits)
@@ -267,7 +270,7 @@ def run_backward(plan: BackwardPlan, rows: Rows, grad: torch.Tensor, lse, qsum, 
         )
         return
     cfg = plan.launch
-    fused = (skip_scale, written, step_policy(rows.logits.device)) if skip_scale is not None else (lse,) * 3
+    fused = (skip_scale, written, step_policy(rows.logits.device)) if skip_scale is not None else (stats,) * 3
     xent_backward_kernel[(n, cfg.split)](
         *operands, *fused, *_row_geometry(rows)[1:], cfg.cols_per_prog, *options,
         SKIP_SCALED=skip_scale is not None, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides),

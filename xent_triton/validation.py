@@ -1,9 +1,14 @@
 """Argument checks for the public API. Every message names the offending values."""
+import numbers
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("none", "mean", "sum")
+# The ignore_index of TF's sparse loss, which ignores nothing: no class index can equal it.
+IGNORE_NOTHING = -(2**63)
 
 
 def check_tensor(name, t):
@@ -90,17 +95,48 @@ def check_weight(weight, n_classes):
         raise NotImplementedError("gradients with respect to weight are not supported; pass weight.detach()")
 
 
-def check_options(reduction, label_smoothing, softcap):
-    if reduction not in REDUCTIONS:
+def check_int64(name, value):
+    """torch's rule for an int argument: a Python int or an integer scalar (numpy, a 0-d integer tensor),
+    not a bool, within int64's range; TypeError or ValueError (torch's types) otherwise."""
+    if not isinstance(value, bool):
+        try:
+            index = operator.index(value)
+        except TypeError:
+            index = None
+    if isinstance(value, bool) or index is None or isinstance(index, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not -(2**63) <= index < 2**63:
+        raise ValueError(f"{name} must fit in int64 (-2**63 <= {name} < 2**63), got {index}")
+    return index
+
+
+def check_real(name, value):
+    """torch's rule for a float argument: a real number (a bool, int or float, a numpy scalar, a
+    one-element tensor); TypeError otherwise."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex()
+    else:
+        ok = isinstance(value, numbers.Real)
+    if not ok:
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_options(reduction, label_smoothing, softcap, ignore_index=-100, lse_square_scale=0.0):
+    """The scalar options of cross_entropy and its relatives: types first (TypeError), then values."""
+    check_int64("ignore_index", ignore_index)
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= check_real("label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not float(softcap) > 0.0:
+    check_real("lse_square_scale", lse_square_scale)
+    if softcap is not None and not check_real("softcap", softcap) > 0.0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
 
 
 def check_cross_entropy_target(input, target, ignore_index):
-    """torch's layout rules for cross_entropy: returns (class axis, whether target holds class indices)."""
+    """torch's layout rules for cross_entropy: returns (class axis, whether target holds class indices).
+    ``ignore_index`` must have passed check_options."""
     check_logits(input, "input")
     axis = 1 if input.dim() >= 2 else 0
     hard = isinstance(target, torch.Tensor) and not target.dtype.is_floating_point
@@ -109,6 +145,12 @@ def check_cross_entropy_target(input, target, ignore_index):
         return axis, hard
     check_float("target", target)
     if tuple(target.shape) != tuple(input.shape):
+        indices_shape = tuple(s for i, s in enumerate(input.shape) if i != axis)
+        if tuple(target.shape) == indices_shape:
+            # The shape of class indices, in a floating dtype: the usual slip is the dtype, not the shape.
+            raise TypeError(f"target of dtype {target.dtype} and shape {tuple(target.shape)} for input shape "
+                            f"{tuple(input.shape)}: class indices must be int64 or int32, and probabilities "
+                            f"must have the input's shape")
         raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
                          f"{tuple(input.shape)}")
     if ignore_index >= 0:
@@ -117,13 +159,13 @@ def check_cross_entropy_target(input, target, ignore_index):
     return axis, hard
 
 
-def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, softcap):
+def check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap):
     """Every argument check of ``cross_entropy``: returns (class axis, whether target holds class indices)."""
+    check_options(reduction, label_smoothing, softcap, ignore_index, lse_square_scale)
     axis, hard = check_cross_entropy_target(input, target, ignore_index)
     check_same_device(input=input, target=target, weight=weight)
     check_classes(input, axis, "input")
     check_weight(weight, input.shape[axis])
-    check_options(reduction, label_smoothing, softcap)
     return axis, hard
 
 
