@@ -173,7 +173,11 @@ def row_target(T, t_off, W, V, n_classes, class_offset, ignore_index, smoothing,
     """
     if HARD:
         t_global = tl.load(T + t_off).to(tl.int64)
-        active = t_global != ignore_index
+        # ignore_index -2**63 ignores nothing (TF's sparse loss: validation.IGNORE_NOTHING), so that a class
+        # index of that value is out of range (NaN), as every other negative one. (tl.where: the interpreter
+        # turns a scalar bool combined with a vector into integers.)
+        ignored = ignore_index + tl.zeros([], tl.int64)  # int64 whatever Triton specialized it to
+        active = tl.where(ignored == -9223372036854775808, t_global == t_global, t_global != ignored)
         valid = (t_global >= 0) & (t_global < n_classes)
         t = t_global - class_offset
         here = active & (t >= 0) & (t < V)

@@ -1,4 +1,6 @@
 """Bad input gets a clear error that names the offending shapes, dtypes or values."""
+import fractions
+
 import numpy as np
 import pytest
 import torch
@@ -110,8 +112,9 @@ def test_not_tensors():
 
 
 # torch's argument rules (issue: a float ignore_index zeroed a row yet divided the mean by every row).
-BAD_IGNORE_INDEX = [(1.5, TypeError), ("1", TypeError), (True, TypeError), (None, TypeError),
-                    (torch.tensor(1.0), TypeError), (2**64 - 100, ValueError), (2**63, ValueError)]
+BAD_IGNORE_INDEX = [(1.5, TypeError), ("1", TypeError), (True, TypeError), (None, TypeError), (np.True_, TypeError),
+                    (torch.tensor(True), TypeError), (torch.tensor(1.0), TypeError), (2**64 - 100, ValueError),
+                    (2**63, ValueError)]
 
 
 def _hard(device, n=4, C=5):
@@ -131,7 +134,8 @@ def test_ignore_index_must_be_an_int64(backend, device, bad, error):
             call()
 
 
-@pytest.mark.parametrize("index", [1, np.int64(1), torch.tensor(1), torch.tensor(1, dtype=torch.int32)], ids=repr)
+@pytest.mark.parametrize("index", [1, np.int64(1), np.uint8(1), np.array(1), torch.tensor(1), torch.tensor([1]),
+                                   torch.tensor(1, dtype=torch.int32)], ids=repr)
 def test_ignore_index_integer_scalars_like_torch(backend, device, index):
     """Integers of other types (numpy, 0-d integer tensors) are accepted, as torch's int arguments take them."""
     x, t = _hard(device)
@@ -145,6 +149,10 @@ def test_ignore_index_integer_scalars_like_torch(backend, device, index):
     ("label_smoothing", "0.1", TypeError, "label_smoothing must be a float, got str"),
     ("label_smoothing", None, TypeError, "label_smoothing must be a float, got NoneType"),
     ("label_smoothing", float("nan"), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    # torch's float arguments take 0-d tensors and numpy scalars, not these:
+    ("label_smoothing", torch.tensor([0.1]), TypeError, "label_smoothing must be a float, got Tensor"),
+    ("label_smoothing", np.array(0.1), TypeError, "label_smoothing must be a float, got ndarray"),
+    ("label_smoothing", fractions.Fraction(1, 10), TypeError, "label_smoothing must be a float, got Fraction"),
     ("lse_square_scale", "1e-4", TypeError, "lse_square_scale must be a float, got str"),
     ("lse_square_scale", None, TypeError, "lse_square_scale must be a float"),
     ("softcap", "30", TypeError, "softcap must be a float, got str"),
@@ -158,7 +166,8 @@ def test_option_types(backend, device, name, bad, error, match):
         xent_triton.linear_cross_entropy(x, torch.randn(3, 5, device=device), t % 3, **{name: bad})
 
 
-@pytest.mark.parametrize("value", [0.1, np.float64(0.1), np.float32(0.25), torch.tensor(0.1), 1, True], ids=repr)
+@pytest.mark.parametrize("value", [0.1, np.float64(0.1), np.float32(0.25), np.True_, torch.tensor(0.1), torch.tensor(0),
+                                   1, True], ids=repr)
 def test_label_smoothing_real_scalars_like_torch(backend, device, value):
     x, t = _hard(device)
     x = x.double()
@@ -212,3 +221,11 @@ def test_sparse_api_names_only_its_own_arguments(backend, device):
     if backend == "torch":
         with pytest.raises(IndexError, match=r"out of range for 3 classes \(ignore_index=-100\)"):
             cross_entropy(logits, labels)
+    # The sparse API ignores nothing: a label of -2**63 (its internal "ignore nothing" value) is out of range too.
+    labels = torch.tensor([-(2**63), 1], device=device)
+    if backend == "torch":
+        with pytest.raises(IndexError, match="class index -9223372036854775808 is out of range for 3 classes$"):
+            xent_triton.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    else:
+        out = xent_triton.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        assert torch.isnan(out[0]) and torch.isfinite(out[1])

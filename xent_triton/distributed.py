@@ -249,6 +249,7 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
         locally from ``target`` (no collective).
     """
     v.check_options(reduction, label_smoothing, None, ignore_index)
+    ignore_index = int(ignore_index)
     axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target)
     labels = None if hard else target

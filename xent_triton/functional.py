@@ -134,6 +134,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             return (planned[0], planned[1].detach()) if return_lse else planned[0]
     axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                        lse_square_scale, softcap)
+    ignore_index = int(ignore_index)  # a numpy integer or a one-element tensor, as torch takes them
     C = input.shape[axis]
     autocast = _autocast_on(input)
     labels, index_target = (None, target) if hard else (target, None)

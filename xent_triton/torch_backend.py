@@ -61,7 +61,8 @@ def _capped(x_raw, softcap):
 def _row_target(rows: Rows, r0, r1, ignore_index, smoothing):
     """Local class index, activity and (1 - eps) * w_t of rows [r0, r1) (see kernels/row_math.py)."""
     t = rows.target[r0:r1].long()
-    active = t != ignore_index
+    # IGNORE_NOTHING ignores nothing: a class index of that value is out of range, as in the kernels.
+    active = t != ignore_index if ignore_index != IGNORE_NOTHING else torch.ones_like(t, dtype=torch.bool)
     bad = active & ((t < 0) | (t >= rows.n_classes))
     if bool(bad.any()):
         # TF's sparse loss has no ignore_index (it ignores nothing): its message names none.

@@ -1,5 +1,4 @@
 """Argument checks for the public API. Every message names the offending values."""
-import numbers
 import operator
 
 import torch
@@ -7,7 +6,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("none", "mean", "sum")
-# The ignore_index of TF's sparse loss, which ignores nothing: no class index can equal it.
+# The ignore_index of TF's sparse loss, which ignores nothing: with it, a class index of this value is out of
+# range (an error on the fallback, NaN in the kernels) like every other negative one, not ignored. (So an
+# explicit ignore_index=-2**63 in cross_entropy ignores nothing either, where torch would skip such rows.)
 IGNORE_NOTHING = -(2**63)
 
 
@@ -96,14 +97,16 @@ def check_weight(weight, n_classes):
 
 
 def check_int64(name, value):
-    """torch's rule for an int argument: a Python int or an integer scalar (numpy, a 0-d integer tensor),
-    not a bool, within int64's range; TypeError or ValueError (torch's types) otherwise."""
-    if not isinstance(value, bool):
+    """torch's rule for an int argument: a Python int or an integer scalar (numpy, an integer tensor of one
+    element), not a bool, within int64's range; TypeError or ValueError (torch's types) otherwise."""
+    index = None
+    boolean = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    if not boolean:
         try:
             index = operator.index(value)
         except TypeError:
-            index = None
-    if isinstance(value, bool) or index is None or isinstance(index, bool):
+            pass
+    if index is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if not -(2**63) <= index < 2**63:
         raise ValueError(f"{name} must fit in int64 (-2**63 <= {name} < 2**63), got {index}")
@@ -111,12 +114,17 @@ def check_int64(name, value):
 
 
 def check_real(name, value):
-    """torch's rule for a float argument: a real number (a bool, int or float, a numpy scalar, a
-    one-element tensor); TypeError otherwise."""
+    """torch's rule for a float argument: a real number, that is a bool, int or float, a real numpy scalar
+    or a 0-d real tensor (not a Fraction, a Decimal, an array or a 1-element 1-d tensor); TypeError
+    otherwise."""
     if isinstance(value, torch.Tensor):
-        ok = value.numel() == 1 and not value.is_complex()
+        ok = value.dim() == 0 and not value.is_complex()
+    elif type(value).__module__ == "numpy":
+        import numpy  # already imported: the value is one of its scalars
+
+        ok = isinstance(value, numpy.generic) and not numpy.iscomplexobj(value)
     else:
-        ok = isinstance(value, numbers.Real)
+        ok = isinstance(value, (bool, int, float))
     if not ok:
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     return float(value)
