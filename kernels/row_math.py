@@ -324,18 +324,18 @@ def finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z: tl.constexpr
 
 
 @triton.jit
-def store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, mask):
-    """Store a row's (or a [ROWS] vector of rows') loss, lse and statistics: STATS is (3, rows) with row
-    stride s_stats, holding m, log_s and sum(q) (finalize_row)."""
+def store_row(LOSS, LSE, STATS, row, loss, lse, m, log_s, qsum, mask):
+    """Store a row's (or a [ROWS] vector of rows') loss, lse and statistics: STATS is (rows, 3), contiguous,
+    holding m, log_s and sum(q) of each row (finalize_row), so that any range of rows is a contiguous slice."""
     tl.store(LOSS + row, to_store(loss, LOSS), mask=mask)
     tl.store(LSE + row, lse, mask=mask)
-    tl.store(STATS + row, m, mask=mask)
-    tl.store(STATS + s_stats + row, log_s, mask=mask)
-    tl.store(STATS + 2 * s_stats + row, qsum, mask=mask)
+    tl.store(STATS + 3 * row, m, mask=mask)
+    tl.store(STATS + 3 * row + 1, log_s, mask=mask)
+    tl.store(STATS + 3 * row + 2, qsum, mask=mask)
 
 
 @triton.jit
-def load_row(STATS, s_stats, row, ACC: tl.constexpr):
+def load_row(STATS, row, ACC: tl.constexpr):
     """(m, log_s, sum(q)) of a row (or a vector of rows), as store_row left them."""
-    return (tl.load(STATS + row).to(ACC), tl.load(STATS + s_stats + row).to(ACC),
-            tl.load(STATS + 2 * s_stats + row).to(ACC))
+    return (tl.load(STATS + 3 * row).to(ACC), tl.load(STATS + 3 * row + 1).to(ACC),
+            tl.load(STATS + 3 * row + 2).to(ACC))

@@ -23,7 +23,7 @@ def xent_backward_kernel(
     T, st_outer, st_inner,
     W,
     G, sg_outer, sg_inner, DEN,
-    STATS, s_stats,
+    STATS,
     DX, sdx_outer, sdx_inner,
     DY, S, WROTE, POLICY,
     n_inner, V, n_classes, class_offset, cols_per_prog,
@@ -72,7 +72,7 @@ def xent_backward_kernel(
         tl.store(POLICY, tl.zeros([], tl.int32), mask=wrote & (~expected))
         col_end = tl.where(wrote & expected, col_begin, col_end)
     g = tl.where(active, g, 0.0)
-    m, log_s, qsum = load_row(STATS, s_stats, row, ACC)
+    m, log_s, qsum = load_row(STATS, row, ACC)
     coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)
     # Whole blocks as unmasked aligned vectors, then the partial ones; ignored rows load nothing
     # and only write zeros (row_math.block_ranges).

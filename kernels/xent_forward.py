@@ -141,7 +141,7 @@ def xent_forward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    LOSS, LSE, STATS, s_stats,
+    LOSS, LSE, STATS,
     PART,
     n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
@@ -183,7 +183,7 @@ def xent_forward_kernel(
                                         ACC, "", STAGES)
     if SPLIT == 1:
         loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-        store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
+        store_row(LOSS, LSE, STATS, row, loss, lse, m, log_s, qsum, None)
     else:
         base = row * SPLIT + split
         stride = n_rows * SPLIT
@@ -197,7 +197,7 @@ def xent_forward_kernel(
 @triton.jit
 def xent_combine_kernel(
     T, st_outer, st_inner, W,
-    LOSS, LSE, STATS, s_stats, PART,
+    LOSS, LSE, STATS, PART,
     n_rows, n_inner, V, n_classes, class_offset, ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_Z: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, ACC: tl.constexpr,
@@ -221,4 +221,4 @@ def xent_combine_kernel(
         tl.load(part + 2 * stride, mask=kmask, other=0.0), tl.load(part + 3 * stride, mask=kmask, other=0.0),
         tl.load(part + 4 * stride, mask=kmask, other=0.0), True)
     loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-    store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
+    store_row(LOSS, LSE, STATS, row, loss, lse, m, log_s, qsum, None)

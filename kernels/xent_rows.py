@@ -43,7 +43,7 @@ def xent_rows_forward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    LOSS, LSE, STATS, s_stats,
+    LOSS, LSE, STATS,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
@@ -89,7 +89,7 @@ def xent_rows_forward_kernel(
         nnz = tl.sum(tl.where(q != 0, 1.0, 0.0), axis=1)
         qsum = tl.sum(q, axis=1)
     loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-    store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, row_ok)
+    store_row(LOSS, LSE, STATS, row, loss, lse, m, log_s, qsum, row_ok)
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def xent_rows_backward_kernel(
     T, st_outer, st_inner,
     W,
     G, sg_outer, sg_inner, DEN,
-    STATS, s_stats,
+    STATS,
     DX, sdx_outer, sdx_inner,
     DY,
     n_rows, n_inner, V, n_classes, class_offset,
@@ -118,7 +118,7 @@ def xent_rows_backward_kernel(
         HARD, HAS_WEIGHT, ROWS, ACC)
     g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, DIVIDE, ACC)
     g = tl.where(active, g, 0.0)
-    m, log_s, qsum = load_row(STATS, s_stats, row, ACC)
+    m, log_s, qsum = load_row(STATS, row, ACC)
     coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)
     cols = tl.arange(0, BLOCK)[None, :]
     smask = (cols < V) & row_ok[:, None]

@@ -37,7 +37,7 @@ def xent_step_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W, S, WROTE,
-    LOSS, LSE, STATS, s_stats, DX,
+    LOSS, LSE, STATS, DX,
     n_rows, n_inner, V, n_classes, class_offset,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr,
@@ -77,7 +77,7 @@ def xent_step_kernel(
                                           softcap, HARD, HAS_WEIGHT, SMOOTH, SOFTCAP, Y_ALIGNED, BLOCK, EPT,
                                           ACC, "evict_last", STAGES)
         loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-        store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
+        store_row(LOSS, LSE, STATS, row, loss, lse, m, log_s, qsum, None)
         coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)
         g = tl.where(active, scale, 0.0)
         # The blocks of the first walk (the same frame): the whole ones, last first, then the partial

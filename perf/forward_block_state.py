@@ -107,7 +107,7 @@ def block_state_forward_kernel(
     Y, sy_outer, sy_inner,
     T, st_outer, st_inner,
     W,
-    LOSS, LSE, STATS, s_stats,
+    LOSS, LSE, STATS,
     PART,
     n_rows, n_inner, V, n_classes, class_offset, cols_per_split,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
@@ -148,7 +148,7 @@ def block_state_forward_kernel(
                                         "")
     if SPLIT == 1:
         loss, lse, m, log_s, qsum = finalize_row(m, s, d, qsum, nnz, active, valid, z_scale, HAS_Z)
-        store_row(LOSS, LSE, STATS, s_stats, row, loss, lse, m, log_s, qsum, None)
+        store_row(LOSS, LSE, STATS, row, loss, lse, m, log_s, qsum, None)
     else:
         base = row * SPLIT + split
         stride = n_rows * SPLIT

@@ -30,7 +30,7 @@ def _launch(kernel, rows, block, warps, stages):
         extra = dict(EPT=launch_config.slice_width(block, warps, rows.logits.element_size()), STAGES=stages)
     kernel[(n, 1)](
         # PART is never written with SPLIT == 1; cols_per_split is the whole row.
-        *tb._inputs(rows), loss, lse, stats, stats.stride(0), lse, *tb._row_geometry(rows), rows.n_cols,
+        *tb._inputs(rows), loss, lse, stats, lse, *tb._row_geometry(rows), rows.n_cols,
         *tb._options(-100, 0.0, 0.0, 0.0),
         SPLIT=1, Y_ALIGNED=tb._aligned_like(rows, rows.labels, rows.y_strides), BLOCK=block, num_warps=warps,
         HAS_Z=False, **tb._flags(rows, 0.0, 0.0), **extra,

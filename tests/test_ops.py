@@ -67,7 +67,7 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.xent_triton.forward.default,
                           (x, None, t, None, 1, -100, 0.0, 0.0, 3.0, True))
     stats = torch.stack([x.detach().amax(1), torch.rand(4, dtype=torch.float64, device=device) + 2.0,
-                         torch.rand(4, dtype=torch.float64, device=device)])
+                         torch.rand(4, dtype=torch.float64, device=device)], dim=1)
     g = torch.randn(4, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.xent_triton.backward.default,
                           (g, x.detach(), y.detach(), None, None, stats, 1, -100, 0.0, 0.0, 0.0, True, True))

@@ -13,7 +13,7 @@ How it works, per forward:
    entropy as if the shard were the whole vocabulary), the shard's max ``m_k``
    and ``log_s_k`` (its log-sum-exp is ``m_k + log_s_k``), and ``qsum_k`` (the
    shard's label mass).
-2. ONE collective: an all_gather of the packed ``(4, N)`` fp32 buffer
+2. ONE collective: an all_gather of the packed ``(N, 4)`` fp32 buffer, each row
    ``[loss_k, m_k, log_s_k, qsum_k]`` (fp64 for fp64 inputs).
 3. Every rank combines them the same way::
 
@@ -125,8 +125,8 @@ def _shard_layout(group, rank: int, world: int, local_classes: int, n_rows: int,
 
 
 def _combine(gathered: Tensor) -> Tuple[Tensor, Tensor]:
-    """Global (loss, stats) per row from the gathered (world, 4, N) shard losses and statistics."""
-    loss_k, m_k, log_s_k, q_k = gathered.unbind(1)
+    """Global (loss, stats) per row from the gathered (world, N, 4) shard losses and statistics."""
+    loss_k, m_k, log_s_k, q_k = gathered.unbind(2)
     finite = log_s_k != float("-inf")  # the shard has a finite logit in the row (its m_k is then its max)
     m = torch.where(finite, m_k, float("-inf")).amax(dim=0)
     m = torch.where(m == float("-inf"), 0.0, m)  # no finite logit in any shard: -inf replaced by 0, as a kernel
@@ -140,7 +140,7 @@ def _combine(gathered: Tensor) -> Tuple[Tensor, Tensor]:
     # i.e. +inf (for non-negative q) when some other shard has a finite logit.
     lost = has_mass & ~finite & (log_s != float("-inf"))
     shifted = torch.where(lost, q_k * float("inf"), shifted)
-    return shifted.sum(dim=0), torch.stack((m, log_s, q))
+    return shifted.sum(dim=0), torch.stack((m, log_s, q), dim=1)
 
 
 class _VocabParallelXent(torch.autograd.Function):
@@ -160,14 +160,14 @@ class _VocabParallelXent(torch.autograd.Function):
         shape = lse_k.shape
         n = lse_k.numel()
         if n:
-            packed = torch.cat([loss_k.reshape(1, n).to(acc), stats_k]).reshape(-1)
-            loss, stats = _combine(_all_gather(packed, world, group).view(world, 4, n))
+            packed = torch.cat([loss_k.reshape(n, 1).to(acc), stats_k], dim=1).reshape(-1)
+            loss, stats = _combine(_all_gather(packed, world, group).view(world, n, 4))
         else:  # the row count is the same on every rank: they all skip the collective
             loss, stats = loss_k.to(acc).reshape(0), stats_k
         if target is not None:
             active = (target != ignore_index).reshape(n)
             loss = torch.where(active, loss, 0.0)
-            stats = torch.where(active, stats, 0.0)  # as the single-process op reports them
+            stats = torch.where(active[:, None], stats, 0.0)  # as the single-process op reports them
         ctx.save_for_backward(logits, labels, target, stats)
         ctx.params = (axis, ignore_index, label_smoothing, class_offset, n_classes)
         return loss.view(shape)

@@ -119,12 +119,13 @@ def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, 
 
 
 def stats_shape(n_rows: int) -> Tuple[int, int]:
-    """Shape of the per-row statistics every forward returns and every backward reads: one (3, rows)
-    tensor in the accumulation dtype, unit stride along the rows, holding the row max m (-inf replaced
-    by 0), log_s = log(sum(exp(x - m))) and the label mass sum(q) (kernels/row_math.py). The rounded
+    """Shape of the per-row statistics every forward returns and every backward reads: one contiguous
+    (rows, 3) tensor in the accumulation dtype (a range of rows is then a contiguous slice), holding each
+    row's max m (-inf replaced by 0), log_s = log(sum(exp(x - m))) and label mass sum(q)
+    (kernels/row_math.py). The rounded
     lse = m + log_s loses log_s beside a huge m; the two kept apart give softmax = exp((x - m) - log_s)
     and lse - x exactly at any magnitude."""
-    return (3, n_rows)
+    return (n_rows, 3)
 
 
 def grad_buffer_shape(logits_shape, axis: int):

@@ -100,7 +100,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     chunk_loss.backward_into(logits, r, scale.expand(logits.shape[0]), stats_r)
                     grads.fold(logits, x[r], w, r)
                 elif stats is not None:
-                    stats[:, r] = stats_r
+                    stats[r] = stats_r
                 # Let the chunk go before the next one is made: one chunk of logits alive, not two.
                 del logits
             if reduction == "sum":
@@ -232,7 +232,7 @@ def _recompute_grads(ctx, grad_out):
         g = grad_out.reshape(-1)
         for r in _chunks(x.shape[0], chunk):
             logits = F.linear(x[r], w, b)
-            chunk_loss.backward_into(logits, r, g[r], stats[:, r])
+            chunk_loss.backward_into(logits, r, g[r], stats[r])
             grads.fold(logits, x[r], w, r)
             del logits
         return grads.scaled(None, ctx.dtypes)

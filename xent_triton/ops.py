@@ -2,11 +2,12 @@
 
 ``xent_triton::forward`` returns the per-row loss and lse, and the O(rows)
 statistics the backward reads (layout.stats_shape: the row max, the log of the
-sum of exp and the label mass, one (3, rows) tensor); its autograd formula calls
+sum of exp and the label mass, one (rows, 3) tensor); its autograd formula calls
 ``xent_triton::backward``. The fused step (function.FusedStepCrossEntropy,
 eager only) uses ``xent_triton::step`` and ``xent_triton::backward_scaled``.
-Both have fake implementations, so torch.compile traces them without a graph break, and both pick their backend (Triton or the
-torch fallback) at run time, inside the op.
+Both have fake implementations, so torch.compile traces them without a graph
+break, and both pick their backend (Triton or the torch fallback) at run time,
+inside the op.
 
 Saved for backward: the inputs themselves and the O(rows) statistics, never
 an N x V intermediate (the fused step's dlogits, written by its forward, is
@@ -77,7 +78,7 @@ def _forward_impl(
     axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     loss_fp32: bool, class_offset: int = 0, n_classes: int = -1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse) of the logits' batch shape, and the (3, rows) statistics. ``class_offset``/``n_classes``
+    """Per-row (loss, lse) of the logits' batch shape, and the (rows, 3) statistics. ``class_offset``/``n_classes``
     describe a vocabulary shard."""
     rows = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
     loss, lse, stats = _run(logits.device, "forward", rows, ignore_index, label_smoothing, lse_square_scale,
@@ -137,8 +138,10 @@ def _backward_impl(
     softcap: float, need_dlogits: bool, need_dlabels: bool, class_offset: int = 0, n_classes: int = -1,
 ) -> Tuple[Tensor, Tensor]:
     """(dlogits, dlabels) from the forward's ``stats``; a gradient not asked for comes back as an empty tensor."""
-    return _backward_rows(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
-                          lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset, n_classes)
+    # The op's statistics come back contiguous, as the kernels read them, unless a compiler laid them out anew.
+    return _backward_rows(grad, logits, labels, target, weight, stats.contiguous(), axis, ignore_index,
+                          label_smoothing, lse_square_scale, softcap, need_dlogits, need_dlabels, class_offset,
+                          n_classes)
 
 
 def _backward_rows(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smoothing,
@@ -333,7 +336,7 @@ class _ReducedFunction(torch.autograd.Function):
                 first = _ReducedFunction.backward(ctx, grad.detach(), None)[:2]
             g = grad.to(stats.dtype)
             denom = dev_denom if dev_denom is not None else ctx.host_denom
-            g = (divide(g, denom) if denom is not None else g).expand(stats.shape[1])
+            g = (divide(g, denom) if denom is not None else g).expand(stats.shape[0])
             return _second_order(first, g, logits, labels, target, weight, *ctx.params[:5], need_dx,
                                  need_dy) + (None,) * 5
         direct = _direct(grad, logits, labels, target, weight, stats, dev_denom)
@@ -351,7 +354,7 @@ class _ReducedFunction(torch.autograd.Function):
             if denom is not None:
                 g = divide(g, denom)
             if not direct:
-                dlogits, dlabels = backward(g.expand(stats.shape[1]), *inputs)
+                dlogits, dlabels = backward(g.expand(stats.shape[0]), *inputs)
                 return (dlogits if need_dx else None), (dlabels if need_dy else None), None, None, None, None, None
             denom = None
         planned = None if ctx.plan is None else ctx.plan.backward(g, logits, labels, target, weight, stats, need_dx,
@@ -374,8 +377,8 @@ def _backward_inplace_impl(
     rows = make_rows(logits, labels, target, weight, axis)
     check_inplace(rows, logits, axis)
     _, dy = _grad_buffers(logits, labels, axis, False, need_dlabels, new_output)
-    _run(logits.device, "backward", rows, grad, stats, ignore_index, label_smoothing, lse_square_scale, softcap,
-         rows.logits, dy)
+    _run(logits.device, "backward", rows, grad, stats.contiguous(), ignore_index, label_smoothing, lse_square_scale,
+         softcap, rows.logits, dy)
     return _as_grads(None, dy, logits, labels, axis)[1]
 
 
@@ -434,8 +437,8 @@ def _backward_scaled_impl(
     ``scale``, rows whose ``grad`` equals ``scale`` are kept; every other row is recomputed (exactly,
     from the logits)."""
     rows = make_rows(logits, labels, target, weight, axis)
-    _run(logits.device, "backward", rows, grad, stats, ignore_index, label_smoothing, lse_square_scale, softcap,
-         dlogits.movedim(axis, -1), None, skip_scale=scale, written=written)
+    _run(logits.device, "backward", rows, grad, stats.contiguous(), ignore_index, label_smoothing, lse_square_scale,
+         softcap, dlogits.movedim(axis, -1), None, skip_scale=scale, written=written)
 
 
 xent_backward_scaled = torch.library.custom_op("xent_triton::backward_scaled",

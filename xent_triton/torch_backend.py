@@ -150,7 +150,7 @@ def _dlogits(x, th, target: _Target, m, log_s, coef, g, softcap):
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
             loss_dtype: torch.dtype):
-    """Per-row loss and lse, and the (3, rows) statistics (layout.stats_shape)."""
+    """Per-row loss and lse, and the (rows, 3) statistics (layout.stats_shape)."""
     dev = rows.logits.device
     loss_out = new_output((rows.n_rows,), loss_dtype, dev)
     lse_out = new_output((rows.n_rows,), rows.acc, dev)
@@ -173,7 +173,7 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
             loss, lse, m, log_s, qsum = (torch.where(target.active, v, 0.0) for v in (loss, lse, m, log_s, qsum))
         loss_out[r0:r1] = loss
         lse_out[r0:r1] = lse
-        stats_out[:, r0:r1] = torch.stack((m, log_s, qsum.to(rows.acc)))
+        stats_out[r0:r1] = torch.stack((m, log_s, qsum.to(rows.acc)), dim=1)
     return loss_out, lse_out, stats_out
 
 
@@ -203,7 +203,7 @@ def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing
     if dx_buf is not None:
         dx3 = rows.as_3d(dx_buf, rows.x_strides if dx_buf is rows.logits else contiguous)
     dy3 = rows.as_3d(dy_buf, contiguous) if dy_buf is not None else None
-    m_all, log_s_all, qsum_all = stats.unbind(0)
+    m_all, log_s_all, qsum_all = stats.unbind(1)
     for r0, r1, x_raw, y in _chunks(rows):
         # x may alias dx_buf: dlabels and dlogits are computed in full before dlogits is written.
         x, th = _capped(x_raw.to(rows.acc), softcap)

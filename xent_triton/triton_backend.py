@@ -93,7 +93,7 @@ def _options(ignore_index: int, smoothing: float, z_scale: float, softcap: float
 
 
 def _row_outputs(rows: Rows, loss_dtype: torch.dtype):
-    """Per-row loss and lse buffers, and the (3, rows) statistics (layout.stats_shape)."""
+    """Per-row loss and lse buffers, and the (rows, 3) statistics (layout.stats_shape)."""
     dev = rows.logits.device
     return (new_output((rows.n_rows,), loss_dtype, dev), new_output((rows.n_rows,), rows.acc, dev),
             new_output(stats_shape(rows.n_rows), rows.acc, dev))
@@ -121,7 +121,7 @@ def forward_plan(rows: Rows, ignore_index: int, smoothing: float, z_scale: float
 
 def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
             loss_dtype: torch.dtype):
-    """Per-row loss and lse, and the (3, rows) statistics the backward reads (layout.stats_shape)."""
+    """Per-row loss and lse, and the (rows, 3) statistics the backward reads (layout.stats_shape)."""
     return run_forward(forward_plan(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype), rows)
 
 
@@ -132,7 +132,7 @@ def run_forward(plan: ForwardPlan, rows: Rows):
     if n == 0:
         return loss, lse, stats
     inputs, options, flags, short = _inputs(rows), plan.options, plan.flags, plan.rows_tile
-    outputs = (loss, lse, stats, stats.stride(0))
+    outputs = (loss, lse, stats)
     if short is not None:
         xent_rows_forward_kernel[(launch_config.cdiv(n, short.rows),)](
             *inputs, *outputs, *_row_geometry(rows), *options,
@@ -196,7 +196,7 @@ def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softca
         return loss, lse, stats, wrote
     cfg = launch_config.step_launch(V, rows.logits.element_size(), rows.logits.device, rows.target is not None)
     xent_step_kernel[(min(n, cfg.programs),)](
-        *_inputs(rows), scale, wrote, loss, lse, stats, stats.stride(0), dx_buf, *_row_geometry(rows),
+        *_inputs(rows), scale, wrote, loss, lse, stats, dx_buf, *_row_geometry(rows),
         *_options(ignore_index, smoothing, z_scale, softcap),
         HAS_Z=z_scale != 0.0, Y_ALIGNED=_aligned_like(rows, rows.labels, rows.y_strides),
         DX_ALIGNED=_aligned_like(rows, dx_buf, _contiguous_strides(rows)), BLOCK=cfg.block,
@@ -231,7 +231,7 @@ def backward_plan(rows: Rows, ignore_index: int, smoothing: float, z_scale: floa
 def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing: float, z_scale: float,
              softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
     """Write dlogits into ``dx_buf`` and dlabels into ``dy_buf`` (or skip either when None), from the
-    statistics ``forward`` returned (a (3, rows) tensor whose rows may be strided).
+    statistics ``forward`` returned (a contiguous (rows, 3) tensor).
 
     ``dx_buf`` is a contiguous (*batch, V) buffer or, in the in-place mode, the
     class-last logits view itself; ``dy_buf`` is contiguous. After a fused step,
@@ -257,8 +257,7 @@ def run_backward(plan: BackwardPlan, rows: Rows, grad: torch.Tensor, stats, dx_b
         g = grad if grad.dim() == 1 else grad.reshape(n)
         sg = g.stride(0)
     # Inputs, upstream gradient and statistics, then the outputs (unused ones get the logits' pointer).
-    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, denom if denom is not None else rows.logits,
-                stats, stats.stride(0),
+    operands = (*_inputs(rows), g, sg * rows.n_inner, sg, denom if denom is not None else rows.logits, stats,
                 dx_buf if dx_buf is not None else rows.logits,
                 *(_row_strides(dx_buf, rows) if dx_buf is not None else (0, 0)),
                 dy_buf if dy_buf is not None else rows.logits)
