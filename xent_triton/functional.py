@@ -266,9 +266,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         v.check_float("target", target)
     else:
         if target.dtype.is_floating_point and tuple(target.shape) == batch:
-            raise TypeError(f"target of dtype {target.dtype} and shape {tuple(target.shape)} for input shape "
-                            f"{tuple(input.shape)}: class indices must be int64 or int32, and probabilities "
-                            f"must have the logits' shape {logits_shape}")
+            raise v.float_class_indices(target, input.shape, logits_shape)
         if target.dtype.is_floating_point:
             raise ValueError(f"probability target shape {tuple(target.shape)} must equal the logits' shape "
                              f"{logits_shape} (input shape {tuple(input.shape)}, {C} classes)")

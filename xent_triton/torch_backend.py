@@ -136,10 +136,11 @@ def _grad_coef(m, log_s, qsum, z_scale, active):
     return torch.where(active, coef, 0.0) if active is not None else coef
 
 
-def _dlogits(x, th, target: _Target, m, log_s, coef, g, softcap):
-    # A -inf logit has softmax 0, also on a row with no softmax (log_s = -inf), where the exp is NaN.
-    # (x - m) - log_s, not x - lse: see layout.stats_shape.
-    p = torch.where(x == float("-inf"), 0.0, torch.exp((x - m[:, None]) - log_s[:, None]))
+def _dlogits(x_rel, th, target: _Target, log_s, coef, g, softcap):
+    """dlogits from x_rel = x - m (m the row max): softmax is exp(x_rel - log_s), not exp(x - lse) (see
+    layout.stats_shape). A -inf logit has softmax 0, also on a row with no softmax (log_s = -inf), where
+    the exp is NaN."""
+    p = torch.where(x_rel == float("-inf"), 0.0, torch.exp(x_rel - log_s[:, None]))
     dx = target.subtract_from(g[:, None] * p * coef[:, None], g)
     if softcap:
         dx = dx * (1.0 - th * th)
@@ -173,7 +174,7 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
             loss, lse, m, log_s, qsum = (torch.where(target.active, v, 0.0) for v in (loss, lse, m, log_s, qsum))
         loss_out[r0:r1] = loss
         lse_out[r0:r1] = lse
-        stats_out[r0:r1] = torch.stack((m, log_s, qsum.to(rows.acc)), dim=1)
+        stats_out[r0:r1] = torch.stack((m, log_s, qsum), dim=1)
     return loss_out, lse_out, stats_out
 
 
@@ -208,8 +209,9 @@ def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing
         # x may alias dx_buf: dlabels and dlogits are computed in full before dlogits is written.
         x, th = _capped(x_raw.to(rows.acc), softcap)
         g, m, log_s = g_all[r0:r1], m_all[r0:r1], log_s_all[r0:r1]
+        x_rel = x - m[:, None]  # the max is finite (-inf replaced by 0): -inf logits stay -inf
         if dy3 is not None:
-            dy = g[:, None] * (log_s[:, None] - (x - m[:, None]))
+            dy = g[:, None] * (log_s[:, None] - x_rel)
             if smoothing:
                 dy = dy * (1.0 - smoothing)
             if rows.weight is not None:
@@ -220,7 +222,7 @@ def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing
             if target.active is not None:
                 g = torch.where(target.active, g, 0.0)
             coef = _grad_coef(m, log_s, qsum_all[r0:r1], z_scale, target.active)
-            dx = _dlogits(x, th, target, m, log_s, coef, g, softcap)
+            dx = _dlogits(x_rel, th, target, log_s, coef, g, softcap)
             if redo is not None:
                 # Selected, not branched on: deciding per chunk would be a host sync on CUDA.
                 dx = torch.where(redo[r0:r1, None], dx, _read_rows(dx3, rows, r0, r1))

@@ -142,6 +142,14 @@ def check_options(reduction, label_smoothing, softcap, ignore_index=-100, lse_sq
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
 
 
+def float_class_indices(target, input_shape, probabilities_shape):
+    """The error for a floating target of the class indices' shape: the usual slip is its dtype, not its
+    shape."""
+    return TypeError(f"target of dtype {target.dtype} and shape {tuple(target.shape)} for input shape "
+                     f"{tuple(input_shape)}: class indices must be int64 or int32, and probabilities must have "
+                     f"the shape {tuple(probabilities_shape)}")
+
+
 def check_cross_entropy_target(input, target, ignore_index):
     """torch's layout rules for cross_entropy: returns (class axis, whether target holds class indices).
     ``ignore_index`` must have passed check_options."""
@@ -153,12 +161,8 @@ def check_cross_entropy_target(input, target, ignore_index):
         return axis, hard
     check_float("target", target)
     if tuple(target.shape) != tuple(input.shape):
-        indices_shape = tuple(s for i, s in enumerate(input.shape) if i != axis)
-        if tuple(target.shape) == indices_shape:
-            # The shape of class indices, in a floating dtype: the usual slip is the dtype, not the shape.
-            raise TypeError(f"target of dtype {target.dtype} and shape {tuple(target.shape)} for input shape "
-                            f"{tuple(input.shape)}: class indices must be int64 or int32, and probabilities "
-                            f"must have the input's shape")
+        if tuple(target.shape) == tuple(s for i, s in enumerate(input.shape) if i != axis):
+            raise float_class_indices(target, input.shape, input.shape)
         raise ValueError(f"probability target shape {tuple(target.shape)} must equal input shape "
                          f"{tuple(input.shape)}")
     if ignore_index >= 0:
