@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import xent_triton  # noqa: E402
-from xent_triton import backend as _backend  # noqa: E402
+from xent_triton import config  # noqa: E402
 
 
 # --------------------------------------------------------------------------- losses
@@ -241,7 +241,7 @@ def main(argv=None):
     """Run the example; returns the curves and accuracies as a dict."""
     args = parse_args(argv)
     device = torch.device(args.device)
-    impl = _backend.choose(device)
+    impl = config.choose_backend(device.type, config.active)
     print(f"device {device}, xent_triton backend '{impl}', T={args.temperature}, alpha={args.alpha}", flush=True)
     t0 = time.perf_counter()
 

@@ -6,7 +6,6 @@ Feature flags are ``tl.constexpr`` so that unused features compile out.
 from .xent_forward import xent_forward_kernel, xent_combine_kernel
 from .xent_backward import xent_backward_kernel
 from .xent_rows import xent_rows_backward_kernel, xent_rows_forward_kernel
-from .xent_step import xent_step_kernel
 
-__all__ = ["xent_forward_kernel", "xent_combine_kernel", "xent_backward_kernel", "xent_step_kernel",
+__all__ = ["xent_forward_kernel", "xent_combine_kernel", "xent_backward_kernel",
            "xent_rows_forward_kernel", "xent_rows_backward_kernel"]

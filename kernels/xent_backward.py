@@ -25,11 +25,11 @@ def xent_backward_kernel(
     G, sg_outer, sg_inner, DEN,
     STATS,
     DX, sdx_outer, sdx_inner,
-    DY, S, WROTE, POLICY,
+    DY,
     n_inner, V, n_classes, class_offset, cols_per_prog,
     ignore_index, smoothing, smoothing_lo, z_scale, z_scale_lo, softcap, softcap_lo,
     HARD: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, SKIP_SCALED: tl.constexpr, DIVIDE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, DIVIDE: tl.constexpr,
     Y_ALIGNED: tl.constexpr, DX_ALIGNED: tl.constexpr, DY_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -42,11 +42,6 @@ def xent_backward_kernel(
 
     DIVIDE: G is divided by a mean's denominator (one element at DEN) first (row_math.divided_grad).
     G may be one element read with zero strides: a reduced loss's backward needs no per-row tensor.
-
-    SKIP_SCALED (after xent_step_kernel): if WROTE[0] != 0, DX already holds the
-    gradient for an upstream gradient equal to the scalar S. Rows whose G equals
-    S are then left as they are, reading and writing nothing; the others are
-    recomputed, and clear the step's POLICY flag (see xent_step.py).
 
     Blocks start on 16-byte boundaries of the logits row (row_math.aligned_run); *_ALIGNED say
     which other rows share that alignment (row_math.same_run).
@@ -65,12 +60,6 @@ def xent_backward_kernel(
     g = divided_grad(tl.load(G + outer * sg_outer + inner * sg_inner).to(ACC), DEN, DIVIDE, ACC)
     col_begin = part * cols_per_prog
     col_end = tl.minimum(col_begin + cols_per_prog, V)
-    if SKIP_SCALED:
-        wrote = tl.load(WROTE) != 0
-        expected = g == tl.load(S).to(ACC)
-        # Every program that stores here stores the same 0: the order does not matter.
-        tl.store(POLICY, tl.zeros([], tl.int32), mask=wrote & (~expected))
-        col_end = tl.where(wrote & expected, col_begin, col_end)
     g = tl.where(active, g, 0.0)
     m, log_s, qsum = load_row(STATS, row, ACC)
     coef = grad_coef(m, log_s, qsum, z_scale, active, valid, HAS_Z)

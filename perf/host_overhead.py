@@ -4,10 +4,9 @@
 
 For each shape and label kind it times a forward and a training step (forward + backward of the mean
 loss) of: torch eager (F.cross_entropy), xent_triton as shipped ("direct": eager calls skip the
-dispatcher, ops._direct), the same with every kernel launched by Triton's own ``fn[grid]`` instead of
-xent_triton.launcher ("direct_triton_launch"), the same without call plans ("direct_general": every
-call checks its arguments and chooses its launches again; xent_triton/call_plans.py), and xent_triton
-through the torch.library custom ops ("dispatcher", the path torch.compile and tensor subclasses take).
+dispatcher, prepare.direct), the same with every kernel launched by Triton's own ``fn[grid]`` instead of
+xent_triton.launcher ("direct_triton_launch"), and xent_triton through the torch.library custom ops
+("dispatcher", the path torch.compile and tensor subclasses take).
 Two numbers per row:
 
 * host_us: CPU wall time per call of a loop of 50 calls that does not wait for the GPU (best of 5); on
@@ -23,15 +22,21 @@ It ends with a cProfile of xent_triton's step at the smallest shape: where the h
 Without CUDA (``--stubbed``, the default there) it times the package's own host work instead: the
 Triton backend's host code on CPU tensors with every kernel launch replaced by a recorder, so neither
 Triton's launcher nor any kernel runs, and counts the torch ops and launches of one step. That part
-of the host time, and its op count, can be compared before and after a change on any machine. Each
-call is timed without call plans ("general") and with them ("planned"), the two taking turns.
+of the host time, and its op count, can be compared before and after a change on any machine.
 
 ``--stubbed-driver`` keeps Triton's launch path in it: the kernels are compiled for sm_90 (no GPU
 needed) and every launch goes through Triton's Python launch code; only the CUDA driver is a stand-in
 (module loading and the C launcher do nothing). Each call is timed three ways, taking turns: launched
 by Triton's ``JITFunction.run`` (argument binding, specialization and the cache lookup on every call;
 "triton_launch"), by xent_triton.launcher without call plans ("no_plans"), and as shipped ("shipped").
-The difference from ``--stubbed`` is the Python cost of the launches.
+Each call is timed two ways, taking turns: launched by Triton's ``JITFunction.run`` (argument binding,
+specialization and the cache lookup on every call; "triton_launch") and as shipped, through
+xent_triton.launcher ("shipped"). The difference from ``--stubbed`` is the Python cost of the launches.
+
+Both stubbed modes also time torch eager (``F.cross_entropy``, class indices and probabilities, forward
+and step) on a tiny CPU problem in the same run and thread ("torch_eager" rows): the dispatcher and
+autograd, which any PyTorch loss pays. Issue 22's goals: the shipped step at most 2x eager's step, the
+shipped forward at most 6x eager's forward, for each label kind (host_ratios.csv).
 """
 import argparse
 import cProfile
@@ -44,9 +49,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import write_csv
+from .common import CsvRows, write_csv
 
 SHAPES = [(1, 128256), (64, 256000), (32768, 1024), (8192, 32000)]
+TINY = (4, 16)  # torch eager's CPU problem: its host cost, dispatcher and autograd, with next to no math
+EXTRA = ("torch_ops", "dispatcher_calls", "launches", "launch_args", "ops")
 # Calls per timed loop: few enough that their launches (~8 a step) fit CUDA's launch queue (~1024), so
 # the loop does not wait for the GPU; the best of TRIES loops is kept.
 REPS, TRIES = 50, 5
@@ -65,6 +72,19 @@ def device_us(fn):
         except Exception:  # a failed capture can leave the stream in an error state: the run goes on
             pass
         return None
+
+
+def best_eager_us(fn, reps):
+    """Best us per call of many loops (see stubbed's best_us)."""
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(3 * TRIES):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+    return best
 
 
 def host_us(fn):
@@ -139,7 +159,6 @@ def _install_fake_cuda_driver(launches, describe=False):
 
 def stubbed(out_dir, reps=200, driver=False):
     """The package's host work per call, kernels stubbed out (see the module docstring)."""
-    os.environ["XENT_TRITON_BACKEND"] = "triton"
     launches = []
     if driver:
         # The kernels must be JITFunctions (decided when they are defined): import them with the
@@ -151,9 +170,12 @@ def stubbed(out_dir, reps=200, driver=False):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import xent_triton
-    from xent_triton import ops, triton_backend
+    from xent_triton import config, prepare, triton_backend
 
-    os.environ["TRITON_INTERPRET"] = "1"
+    # The Triton backend on CPU tensors: with the stand-in driver the kernels compile for sm_90 (they were
+    # imported above with the interpreter off); stubbed, nothing runs at all.
+    xent_triton.set_backend("triton")
+    config.active = config.Config(backend="triton", interpreter=True, fast_launch=True)
 
     class Stub:
         def __init__(self, name):
@@ -166,12 +188,14 @@ def stubbed(out_dir, reps=200, driver=False):
         for name in dir(triton_backend):
             if name.endswith("_kernel"):
                 setattr(triton_backend, name, Stub(name))
-    from xent_triton import call_plans, launcher
-    # (name, launches through xent_triton.launcher, call plans on). With the stand-in driver, Triton's own
-    # launch path (fn[grid]) against xent_triton.launcher's; stubbed, the general path against call plans.
-    launch_modes = ((("triton_launch", False, True), ("no_plans", True, False), ("shipped", True, True)) if driver
-                    else (("general", launcher.ENABLED, False), ("planned", launcher.ENABLED, True)))
+    # (name, launches through xent_triton.launcher). With the stand-in driver, Triton's own launch path
+    # (fn[grid]) against xent_triton.launcher's; stubbed, the launches are recorded only.
+    launch_modes = (("triton_launch", False), ("shipped", True)) if driver else (("shipped", True),)
     torch.set_num_threads(1)
+    base = config.active
+
+    def use(fast):
+        config.active = base if fast else config.Config(backend="triton", interpreter=True, fast_launch=False)
 
     def best_us(fn):
         """{launch mode: best us per call}: the best of many loops on a shared machine, the launch
@@ -180,7 +204,8 @@ def stubbed(out_dir, reps=200, driver=False):
             fn()
         best = {}
         for i in range(3 * TRIES * len(launch_modes)):
-            launch, launcher.ENABLED, call_plans.ENABLED = launch_modes[i % len(launch_modes)]
+            launch, fast = launch_modes[i % len(launch_modes)]
+            use(fast)
             fn()
             t0 = time.perf_counter()
             for _ in range(reps):
@@ -203,6 +228,24 @@ def stubbed(out_dir, reps=200, driver=False):
     rows = []
     import triton
 
+    eager = {}
+    n0, v0 = TINY
+    xe = torch.randn(n0, v0, requires_grad=True)
+    for kind, target in (("hard", torch.randint(0, v0, (n0,))), ("soft", torch.softmax(torch.randn(n0, v0), -1))):
+        def eager_fwd():
+            with torch.no_grad():
+                F.cross_entropy(xe, target)
+
+        def eager_step():
+            xe.grad = None
+            F.cross_entropy(xe, target).backward()
+
+        for pass_name, fn in (("forward", eager_fwd), ("step", eager_step)):
+            us = best_eager_us(fn, reps)
+            eager[kind, pass_name] = us
+            rows.append(dict(N=n0, V=v0, labels=kind, pass_=pass_name, path="torch_eager", host_us=round(us, 1)))
+            print(f"{n0:>6} x {v0:<7} {kind} {pass_name:<8} {'torch_eager':<13} {us:7.1f} us")
+
     what = ("Triton's launch path with a stand-in CUDA driver (kernels compiled for sm_90)" if driver
             else "kernel launches stubbed")
     print(f"host_overhead --stubbed{'-driver' if driver else ''}: CPU, torch {torch.__version__}, "
@@ -219,20 +262,20 @@ def stubbed(out_dir, reps=200, driver=False):
                 x.grad = None
                 xent_triton.cross_entropy(x, target).backward()
 
-            for (pass_name, fn), (launch, enabled, planned) in itertools.product((("forward", fwd), ("step", step)),
-                                                                                  launch_modes):
+            for (pass_name, fn), (launch, fast) in itertools.product((("forward", fwd), ("step", step)),
+                                                                     launch_modes):
                 if launch == launch_modes[0][0]:
                     times = best_us(fn)
                 us = times[launch]
-                launcher.ENABLED, call_plans.ENABLED = enabled, planned
-                direct = ops._direct
-                ops._direct = lambda *t: True  # the counting mode would turn the direct path off
+                use(fast)
+                direct = prepare.direct
+                prepare.direct = lambda *t: True  # the counting mode would turn the direct path off
                 try:
                     launches.clear()
                     with CountOps() as mode:
                         fn()
                 finally:
-                    ops._direct = direct
+                    prepare.direct = direct
                 row = dict(N=n, V=v, labels=kind, pass_=pass_name, path=launch, host_us=round(us, 1),
                            torch_ops=len(mode.names), dispatcher_calls=mode.calls, launches=len(launches),
                            launch_args=sum(a for _, a in launches), ops=" ".join(mode.names))
@@ -240,8 +283,21 @@ def stubbed(out_dir, reps=200, driver=False):
                 print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {launch:<13} {us:7.1f} us  {len(mode.names)} torch ops "
                       f"({row['ops']}; {mode.calls} dispatcher calls with views and allocations), "
                       f"{len(launches)} launches of {row['launch_args']} args")
+    use(True)
     name = "host_stubbed_driver.csv" if driver else "host_stubbed.csv"
-    write_csv(out_dir, name, rows)
+    write_csv(out_dir, name, [dict(path=r["path"], labels=r["labels"], pass_=r["pass_"], N=r["N"], V=r["V"],
+                                   host_us=r["host_us"], **{k: r.get(k) for k in EXTRA}) for r in rows])
+    ratios = []
+    for r in rows:
+        if r["path"] == "shipped":
+            e = eager[r["labels"], r["pass_"]]
+            goal = 2.0 if r["pass_"] == "step" else 6.0
+            ratios.append(dict(labels=r["labels"], pass_=r["pass_"], N=r["N"], V=r["V"], shipped_us=r["host_us"],
+                               eager_us=round(e, 1), ratio=round(r["host_us"] / e, 2), goal=goal,
+                               met=r["host_us"] / e <= goal))
+            print(f"{r['N']:>6} x {r['V']:<7} {r['labels']} {r['pass_']:<8} shipped / eager = "
+                  f"{r['host_us'] / e:5.2f} (goal <= {goal})")
+    write_csv(out_dir, "host_ratios.csv" if driver else "host_ratios_stubbed.csv", ratios)
     print(f"wrote {out_dir}/{name}")
     return 0
 
@@ -262,16 +318,15 @@ def main(argv=None):
     import triton
 
     import xent_triton
-    from xent_triton import call_plans, launcher, ops
+    from xent_triton import config, prepare
 
-    direct = ops._direct
-    # (eager path, launches through xent_triton.launcher, call plans): "direct_triton_launch" is the shipped
-    # path with every kernel launched by Triton's own fn[grid] instead, "direct_general" without call plans
-    # (xent_triton/call_plans.py).
-    modes = {"direct": (direct, True, True), "direct_triton_launch": (direct, False, True),
-             "direct_general": (direct, True, False), "dispatcher": (lambda *t: False, True, True)}
+    direct = prepare.direct
+    # (eager path, launches through xent_triton.launcher): "direct_triton_launch" is the shipped path with
+    # every kernel launched by Triton's own fn[grid] instead.
+    modes = {"direct": (direct, True), "direct_triton_launch": (direct, False), "dispatcher": (lambda *t: False, True)}
     os.makedirs(args.out, exist_ok=True)
-    rows = []
+    out = CsvRows(args.out, "host_overhead.csv")  # row by row: a run stopped at its cap keeps what it measured
+    rows = out.rows
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}")
     for n, v in SHAPES:
@@ -294,23 +349,24 @@ def main(argv=None):
 
             cases = [("torch_eager", None, torch_fwd)] + [("xt_" + m, m, xt_fwd) for m in modes]
             for name, mode, f in cases:
-                ops._direct, launcher.ENABLED, call_plans.ENABLED = modes[mode] if mode else (direct, True, True)
+                prepare.direct, fast = modes[mode] if mode else (direct, True)
                 try:
                     for pass_name, fn in (("forward", f), ("step", step(f))):
-                        h = host_us(fn)
-                        g = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
-                        d = device_us(fn) if name in ("torch_eager", "xt_direct") else None
-                        rows.append(dict(N=n, V=v, labels=kind, pass_=pass_name, method=name,
-                                         host_us=round(h, 1), gpu_us=round(g, 1),
-                                         device_us=None if d is None else round(d, 1)))
+                        with config.overrides(fast_launch=fast):
+                            h = host_us(fn)
+                            g = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+                            d = device_us(fn) if name in ("torch_eager", "xt_direct") else None
+                        out.write(dict(N=n, V=v, labels=kind, pass_=pass_name, method=name,
+                                       host_us=round(h, 1), gpu_us=round(g, 1),
+                                       device_us=None if d is None else round(d, 1)))
                         print(f"{n:>6} x {v:<7} {kind} {pass_name:<8} {name:<20} host {h:8.1f} us   "
                               f"do_bench {g:8.1f} us" + ("" if d is None else f"   graph {d:8.1f} us"))
                 finally:
-                    ops._direct, launcher.ENABLED, call_plans.ENABLED = direct, True, True
+                    prepare.direct = direct
         del x0, x, t, y
         torch.cuda.empty_cache()
 
-    write_csv(args.out, "host_overhead.csv", rows)
+    out.close()
     with open(os.path.join(args.out, "host_overhead.md"), "w") as fh:
         fh.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
                  "bf16; host = CPU us per call, do_bench = median us, graph = median us replayed in a CUDA graph "

@@ -16,15 +16,15 @@ indices``, and its gradients for x and W:
 * ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (skipped when not installed).
 
 Columns: ms (``triton.testing.do_bench`` median of a step), tflops (6 N H V over ms: the three
-matmuls of an unfused step), peak_extra_mib (``max_memory_allocated`` during a step over what was
+matmuls of an unfused step), copy_gbps (perf.common.copy_gbps, the run's copy bandwidth, for reference), peak_extra_mib (``max_memory_allocated`` during a step over what was
 allocated before it; the returned gradients are counted), and the errors of the loss and of both
-gradients against a float32 computation from the same bf16 inputs (relative Frobenius). Without
-CUDA a tiny CPU comparison runs instead, and says so.
+gradients against a float32 computation from the same bf16 inputs (relative Frobenius). linear.csv is
+written row by row, so a run stopped at its time cap keeps what it measured. Without CUDA a tiny CPU
+comparison runs instead, and says so.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import math
 import sys
@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import xent_triton as xt
+from .common import CsvRows, copy_gbps
+from .sweep import Timer
 
-from .sweep import Timer, copy_bandwidth
+xt = None  # xent_triton, imported by main(): --help works while the package does not import
 
 POINTS_GPU = [(4096, 4096, 128256), (8192, 4096, 128256), (8192, 2304, 256000), (16384, 4096, 32000)]
 POINTS_CPU = [(256, 64, 1000)]
 COLUMNS = ["gpu", "method", "N", "H", "V", "dtype", "ms", "tflops", "peak_extra_mib", "loss_err", "dx_err",
-           "dw_err", "check", "note"]
+           "dw_err", "check", "copy_gbps", "note"]
 
 
 def _methods(log):
@@ -76,7 +77,7 @@ def _rel(a, b):
     return ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_point(N, H, V, dtype, device, methods, timer, log, gpu):
+def run_point(N, H, V, dtype, device, methods, timer, log, gpu, emit=lambda row: None, copy=None):
     torch.manual_seed(0)
     x = (torch.randn(N, H, device=device) * 1.0).to(dtype).requires_grad_()
     w = (torch.randn(V, H, device=device) / math.sqrt(H) * 4).to(dtype).requires_grad_()
@@ -86,7 +87,8 @@ def run_point(N, H, V, dtype, device, methods, timer, log, gpu):
     rows = []
     tol = 2e-2 if dtype != torch.float32 else 1e-4
     for name, fn in methods.items():
-        row = dict(gpu=gpu, method=name, N=N, H=H, V=V, dtype=str(dtype).replace("torch.", ""), note="")
+        row = dict(gpu=gpu, method=name, N=N, H=H, V=V, dtype=str(dtype).replace("torch.", ""), note="",
+                   copy_gbps=copy)
 
         def step():
             loss = fn(x, w, t)
@@ -117,6 +119,7 @@ def run_point(N, H, V, dtype, device, methods, timer, log, gpu):
             for k in ("ms", "tflops", "peak_extra_mib", "loss_err", "dx_err", "dw_err", "check", "note")
             if row.get(k) not in (None, "")))
         rows.append(row)
+        emit(row)
         if cuda:
             torch.cuda.empty_cache()
     return rows
@@ -128,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output directory (default: perf/results/linear-<gpu>-<date>/)")
     p.add_argument("--rep-ms", type=float, default=200.0)
     args = p.parse_args(argv)
+    global xt
+    import xent_triton as xt
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -147,22 +153,23 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path("perf/results") / f"linear-{slug}-{_dt.date.today()}"
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer(cuda, 25.0, args.rep_ms)
-    log(f"{gpu}: torch {torch.__version__}; copy bandwidth {copy_bandwidth(timer, device):.0f} GB/s")
+    log(f"{gpu}: torch {torch.__version__}")
+    copy = copy_gbps(device, log)
     methods = _methods(log)
     rows = []
-    for N, H, V in points:
-        rows += run_point(N, H, V, torch.bfloat16, device, methods, timer, log, gpu)
+    with CsvRows(str(out), "linear.csv", COLUMNS) as csv_out:
+        for N, H, V in points:
+            rows += run_point(N, H, V, torch.bfloat16, device, methods, timer, log, gpu, csv_out.write, copy)
     if cuda:
         # Older torch rejects an fp32 addend with bf16 factors in addmm(out_dtype=): the sum then takes
-        # one more pass per chunk (xent_triton/linear.py, _accumulate_mm).
-        from xent_triton import linear as _linear
-        log("xent_linear's fp32 weight-gradient sum: "
-            + ("addmm(out_dtype=float32) into the sum" if _linear._MIXED_ADDMM["ok"]
-               else "bf16 product + add (addmm with out_dtype refused here)"))
-    with open(out / "linear.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS)
-        wr.writeheader()
-        wr.writerows(rows)
+        # one more pass per chunk (xent_triton/linear.py). Informational; the package may not expose it.
+        try:
+            from xent_triton import linear as _linear
+            log("xent_linear's fp32 weight-gradient sum: "
+                + ("addmm(out_dtype=float32) into the sum" if _linear._MIXED_ADDMM["ok"]
+                   else "bf16 product + add (addmm with out_dtype refused here)"))
+        except Exception:
+            pass
     md = ["| method | N | H | V | ms | TFLOP/s | peak extra MiB | loss err | dx err | dw err | check |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

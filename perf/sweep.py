@@ -15,15 +15,15 @@ What is measured (see perf/NOTES.md and ../shared/ANCHORS.md for the byte model)
   (forward + backward).
 * labels: ``soft`` (a dense probability row per example) and ``hard`` (int64 class indices).
 * methods: ``xent_triton`` (soft: softmax_cross_entropy_with_logits(...).sum(), hard: cross_entropy(...,
-  reduction="sum")), ``xent_triton_fused`` (step only, cross_entropy(..., reduction="sum") with
-  XENT_TRITON_FUSED_STEP=1: the forward writes dlogits, kernels/xent_step.py), ``xent_triton_inplace``
-  (step only, cross_entropy(..., inplace_backward=True)),
+  reduction="sum")), ``xent_triton_inplace`` (step only, cross_entropy(..., inplace_backward=True)),
   ``torch_eager`` (F.cross_entropy, reduction="sum"), ``torch_seed_two_step`` (soft only,
   ``-(y * log_softmax(x)).sum()``), ``torch_compile`` (torch.compile(F.cross_entropy), static shapes) and
   ``liger`` (hard only, LigerCrossEntropyLoss; skipped with a note when liger_kernel is not installed).
 * ms: median of ``triton.testing.do_bench`` (it flushes L2 before every call). gbps: the byte-model bytes
-  over that time; pct_of_copy: gbps over the device-to-device copy bandwidth measured in the same run
-  (bytes read + bytes written).
+  over that time; pct_of_copy: gbps over the device-to-device copy bandwidth (bytes read + bytes written)
+  of perf.common.copy_gbps: measured at the start of the run, or once for the whole perf/gpu_check.sh run
+  ($XENT_COPY_GBPS), the number every probe counts against too. The fused step (one kernel for the
+  forward and backward) is an experiment outside the package now: perf/fused_step/.
 * peak_extra_mib: ``max_memory_allocated`` during one call of the pass minus what was allocated just
   before it (inputs, and for ``backward`` the retained forward graph, already present). The returned
   dlogits are counted, as in ANCHORS.md.
@@ -50,7 +50,6 @@ import datetime as _dt
 import gc
 import inspect
 import math
-import os
 import platform
 import re
 import signal
@@ -66,17 +65,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-import xent_triton as xt
-from xent_triton.launch_config import FUSED_STEP_ENV
+from .common import copy_gbps as run_copy_gbps, measure_copy_gbps
+
+xt = None  # xent_triton, imported by main(): --help and --summary work while the package does not import
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 1e-4}
 LABELS = ("soft", "hard")
 PASSES = ("forward", "backward", "step")
-METHODS = ("xent_triton", "xent_triton_fused", "xent_triton_inplace", "torch_eager", "torch_seed_two_step",
-           "torch_compile", "liger")
-SHORT = {"xent_triton": "xt", "xent_triton_fused": "xt_fused", "xent_triton_inplace": "xt_inpl",
-         "torch_eager": "eager",
+METHODS = ("xent_triton", "xent_triton_inplace", "torch_eager", "torch_seed_two_step", "torch_compile", "liger")
+SHORT = {"xent_triton": "xt", "xent_triton_inplace": "xt_inpl", "torch_eager": "eager",
          "torch_seed_two_step": "seed2", "torch_compile": "compile", "liger": "liger"}
 
 # Byte model of ../shared/ANCHORS.md, in units of N*V*b (b = element size). The step is counted against
@@ -98,8 +96,8 @@ DEFAULT_POINTS = QUICK_POINTS + [
 CPU_POINTS = [(64, 1000), (256, 8192), (8, 50257)]
 
 # Time arithmetic (one H100/H200; "measurement" = one do_bench of one method/pass at one point):
-#   per (point, dtype): soft 4 methods x 3 passes + fused and inplace steps = 14, hard 3 x 3 + 2 = 11
-#   (+ liger forward/step when installed) -> 25 measurements, plus 2 clone baselines for the in-place step.
+#   per (point, dtype): soft 4 methods x 3 passes + the in-place step = 13, hard 3 x 3 + 1 = 10
+#   (+ liger forward/step when installed) -> 23-25 measurements, plus 2 clone baselines for the in-place step.
 #   torch.compile compiles 2 graphs per (point, dtype, labels) (no-grad forward; forward+backward),
 #   about 2-4 s each once Inductor is warm, plus ~20 s for the first compile of the process; the
 #   backward-alone pass recompiles forward+backward without buffer donation (Inductor's cache serves
@@ -129,8 +127,6 @@ class MethodSpec:
 
 SPECS = {
     "xent_triton": MethodSpec(LABELS, PASSES, False),
-    # The fused step writes dlogits in its forward; its backward alone only checks the upstream gradient.
-    "xent_triton_fused": MethodSpec(LABELS, ("step",), False),
     # In-place mode: the forward writes dlogits over the logits; only a step is meaningful.
     "xent_triton_inplace": MethodSpec(LABELS, ("step",), True),
     "torch_eager": MethodSpec(LABELS, PASSES, False),
@@ -238,15 +234,6 @@ class Timer:
             torch.cuda.synchronize()
 
 
-def copy_bandwidth(timer: Timer, device: torch.device) -> float:
-    """GB/s of dst.copy_(src), counting bytes read + bytes written."""
-    nbytes = (1 << 30) if timer.cuda else (1 << 27)
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
 # --------------------------------------------------------------------------------------------- methods
 
 def _liger_class(log: Log):
@@ -285,9 +272,6 @@ class Losses:
             if soft:
                 return lambda x, y: xt.softmax_cross_entropy_with_logits(y, x).sum()
             return lambda x, t: xt.cross_entropy(x, t, reduction="sum", label_smoothing=eps)
-        if method == "xent_triton_fused":
-            return _with_env(lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum", label_smoothing=eps),
-                             FUSED_STEP_ENV, "1")
         if method == "xent_triton_inplace":
             return lambda x, tgt: xt.cross_entropy(x, tgt, reduction="sum", label_smoothing=eps,
                                                    inplace_backward=True)
@@ -302,21 +286,6 @@ class Losses:
             liger = self.liger
             return lambda x, t: liger(x, t)
         raise ValueError(method)
-
-
-def _with_env(fn: Callable, name: str, value: str) -> Callable:
-    """fn with an environment variable set during each call (the fused step is chosen at forward time)."""
-    def call(*args):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn(*args)
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return call
 
 
 def _configure_dynamo(log: Log):
@@ -507,13 +476,10 @@ def _note_once(ctx: Ctx, key, msg: str):
         ctx.log(msg)
 
 
-def _launch_note(N: int, V: int, b: int, device: torch.device, method: str, hard: bool = False) -> str:
+def _launch_note(N: int, V: int, b: int, device: torch.device, hard: bool = False) -> str:
     try:
         from xent_triton import launch_config as lc
 
-        if method == "xent_triton_fused":
-            s = lc.step_launch(V, b, device, hard)
-            return f"fused step BLOCK={s.block} warps={s.num_warps} programs={s.programs} stages={s.stages}"
         r = lc.rows_launch(N, V, device)
         if r is not None:
             fwd = "; the forward one row per program" if lc.rows_launch(N, V, device, hard_forward=hard) is None \
@@ -626,7 +592,7 @@ def run_block(ctx: Ctx, N: int, V: int, dname: str, labels: str, seed: int) -> s
             row = dict(base, method=method, **{"pass": pas})
             note = []
             if ctx.cuda and method.startswith("xent_triton"):
-                note.append(_launch_note(N, V, b, ctx.device, method, hard=labels == "hard"))
+                note.append(_launch_note(N, V, b, ctx.device, hard=labels == "hard"))
             prep = out = None
             retain_compile = method == "torch_compile" and pas == "backward"
             if retain_compile:
@@ -985,6 +951,9 @@ def main(argv=None) -> int:
     if args.summary:
         print(summary_text(read_csv(Path(args.summary))))
         return 0
+    global xt
+    import xent_triton as xt
+    from xent_triton import config
 
     log = Log()
     cuda = torch.cuda.is_available()
@@ -1016,8 +985,9 @@ def main(argv=None) -> int:
         print(banner)
         print("=" * 100, flush=True)
         log.lines.append(banner)
-        # Force the fallback (TRITON_INTERPRET=1 would otherwise run the interpreter here).
-        os.environ["XENT_TRITON_BACKEND"] = "torch"
+        # Force the fallback (TRITON_INTERPRET=1 would otherwise run the interpreter here). The package read
+        # XENT_TRITON_BACKEND at its import: set the backend through its API.
+        config.set_backend("torch")
         # One intra-op thread by default: on a shared machine the OpenMP pool's wake-ups (tens of ms
         # each when cores are oversubscribed) swamp these small shapes.
         torch.set_num_threads(max(1, args.cpu_threads))
@@ -1054,14 +1024,16 @@ def main(argv=None) -> int:
     log(f"output: {out_dir}")
 
     if cuda:
-        from xent_triton import backend
-
-        choice = backend.choose(device)
-        log(f"xent_triton backend on cuda: {choice}")
+        cfg = config.current()
+        try:
+            choice = config.choose_backend("cuda", cfg)
+        except Exception as e:  # informational only
+            choice = f"unknown ({type(e).__name__}: {e})"
+        log(f"xent_triton backend on cuda: {choice} (config: {cfg})")
         if choice != "triton":
             log("WARNING: xent_triton is not using the Triton kernels on this GPU (XENT_TRITON_BACKEND?); "
                 "its rows measure the torch fallback")
-        if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        if getattr(cfg, "interpreter", False):
             log("WARNING: TRITON_INTERPRET is set: Triton kernels run in the interpreter; timings are meaningless")
 
     liger_cls = _liger_class(log) if "liger" in methods and "hard" in labels_kinds else None
@@ -1071,10 +1043,8 @@ def main(argv=None) -> int:
         _configure_dynamo(log)
 
     timer = Timer(cuda, warmup, rep)
-    copy_gbps = copy_bandwidth(timer, device)
-    log(f"device-to-device copy: {copy_gbps:.0f} GB/s (bytes read + written)" if cuda
-        else f"CPU memory copy: {copy_gbps:.1f} GB/s (bytes read + written)")
-    meta.append(f"copy bandwidth at start: {copy_gbps:.0f} GB/s")
+    copy_gbps = run_copy_gbps(device, log)  # the one copy bandwidth of the run (perf.common.copy_gbps)
+    meta.append(f"copy bandwidth: {copy_gbps:.0f} GB/s (bytes read + written; perf.common.copy_gbps)")
 
     csv_path = out_dir / "sweep.csv"
     csv_file = open(csv_path, "w", newline="")
@@ -1135,9 +1105,9 @@ def main(argv=None) -> int:
         meta.append(f"STOPPED early after {done} of {len(blocks)} blocks (time guard {guard:g} min); see log.txt")
 
     try:
-        copy_end = copy_bandwidth(timer, device)
-        log(f"copy bandwidth at end: {copy_end:.0f} GB/s (start {copy_gbps:.0f}); pct_of_copy uses the start value")
-        meta.append(f"copy bandwidth at end: {copy_end:.0f} GB/s (pct_of_copy uses the start value)")
+        copy_end = measure_copy_gbps(device)
+        log(f"copy bandwidth at end: {copy_end:.0f} GB/s (pct_of_copy uses {copy_gbps:.0f})")
+        meta.append(f"copy bandwidth at end: {copy_end:.0f} GB/s (pct_of_copy uses {copy_gbps:.0f})")
     except Exception as e:
         log(f"copy bandwidth at end: failed ({e})")
 

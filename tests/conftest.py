@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import xent_triton  # noqa: E402,F401
-from xent_triton import _alloc, launch_config  # noqa: E402
+from xent_triton import _alloc  # noqa: E402
+from helpers import set_config  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"]
@@ -53,8 +54,8 @@ def pytest_configure(config):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Force one implementation through XENT_TRITON_BACKEND."""
-    monkeypatch.setenv("XENT_TRITON_BACKEND", request.param)
+    """Force one implementation (xent_triton.config's backend)."""
+    set_config(monkeypatch, backend=request.param)
     return request.param
 
 
@@ -74,20 +75,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_step_policy():
-    """Each test starts with the fused step writing dlogits in its forward (kernels/xent_step.py)."""
-    import sys
-
-    tb = sys.modules.get("xent_triton.triton_backend")
-    if tb is not None:
-        tb.reset_step_policy()
-
-
 @pytest.fixture(params=["one_row", "row_tiles"])
 def row_kernels(request, monkeypatch):
     """Short rows on the one-row-per-program kernels, and on the row-tile kernels (kernels/xent_rows.py)
     with as many rows per program as the tile holds, so that tail rows past the batch are exercised too.
     Modules opt in with ``pytestmark = pytest.mark.usefixtures("row_kernels")``."""
-    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1 if request.param == "one_row" else "max")
+    set_config(monkeypatch, rows=1 if request.param == "one_row" else "max")
     return request.param

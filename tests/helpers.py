@@ -1,5 +1,14 @@
 """float64 references and comparison helpers for the tests."""
+import dataclasses
+
 import torch
+
+from xent_triton import config
+
+
+def set_config(monkeypatch, **fields):
+    """Set fields of xent_triton's configuration for one test (backend, split, tile, rows, ...)."""
+    monkeypatch.setattr(config, "active", dataclasses.replace(config.active, **fields))
 
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),

@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 import xent_triton
-from xent_triton import launch_config
-from helpers import close, rand_logits, ref_soft, tol
+from helpers import close, rand_logits, ref_soft, tol, set_config
 
 N, V = 6, 45
 OFFSETS = [(torch.bfloat16, 0), (torch.bfloat16, 1), (torch.bfloat16, 3), (torch.bfloat16, 7),
@@ -25,10 +24,9 @@ OFFSETS = [(torch.bfloat16, 0), (torch.bfloat16, 1), (torch.bfloat16, 3), (torch
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
-    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)  # the per-row kernels, not the row tiles
-    monkeypatch.setattr(launch_config, "FORCE_TILE", (16, 1))
-    monkeypatch.setattr(launch_config, "FORCE_STEP", (16, 1, 1))
+    set_config(monkeypatch, backend="triton")
+    set_config(monkeypatch, rows=1)  # the per-row kernels, not the row tiles
+    set_config(monkeypatch, tile=(16, 1))
 
 
 def _at_offset(t, offset):
@@ -59,10 +57,8 @@ def test_soft_labels_at_any_offset(device, dtype, offset, label_offset):
 
 
 @pytest.mark.parametrize("dtype,offset", OFFSETS)
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_class_indices_at_any_offset(monkeypatch, device, dtype, offset, fused):
-    """Smoothing, weights and ignored rows; the fused step (its reversed second walk) and the two kernels."""
-    monkeypatch.setenv("XENT_TRITON_FUSED_STEP", fused)
+def test_class_indices_at_any_offset(device, dtype, offset):
+    """Smoothing, weights and ignored rows."""
     x = _at_offset(rand_logits((N, V), dtype, device), offset)
     t = torch.randint(0, V, (N,), device=device)
     t[2] = -100
@@ -92,7 +88,7 @@ def test_inplace_backward_at_any_offset(device, dtype, offset):
 @pytest.mark.parametrize("offset", [0, 3])
 def test_split_rows_at_any_offset(monkeypatch, device, offset):
     """Each part of a split row has its own frame (its first column is anywhere)."""
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 2)
+    set_config(monkeypatch, split=2)
     x = _at_offset(rand_logits((2, 150), torch.bfloat16, device), offset)
     y = torch.softmax(torch.randn(2, 150, dtype=torch.float64, device=device), -1).to(torch.bfloat16)
     close(xent_triton.softmax_cross_entropy_with_logits(y, x), ref_soft(y, x.detach()), **tol(torch.bfloat16))
@@ -103,7 +99,7 @@ def test_split_rows_at_any_offset(monkeypatch, device, offset):
 def test_split_class_indices_at_part_boundaries(monkeypatch, device, offset, weighted):
     """A split row's head and tail blocks hold lanes of the neighbouring part: a target there is counted
     once, by its own part (class indices with smoothing take the label-state loop)."""
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 2)  # parts of 80 columns: the boundary is column 80
+    set_config(monkeypatch, split=2)  # parts of 80 columns: the boundary is column 80
     x = _at_offset(rand_logits((8, 150), torch.float32, device), offset)
     t = torch.arange(76, 84, device=device)
     w = torch.rand(150, device=device) + 0.5 if weighted else None

@@ -1,4 +1,5 @@
-"""XENT_TRITON_BACKEND dispatch: never a silent fallback."""
+"""The backend choice (xent_triton.config): read from the environment once, changed through the API; never a
+silent fallback."""
 import os
 import subprocess
 import sys
@@ -6,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from xent_triton import backend
+import xent_triton
+from xent_triton import config
+from helpers import set_config
 
 
 def run(code, **env):
@@ -21,27 +24,60 @@ def test_triton_on_cpu_without_interpreter_raises():
             "xent_triton.softmax_cross_entropy_with_logits(torch.rand(2, 3), torch.rand(2, 3))",
             XENT_TRITON_BACKEND="triton")
     assert r.returncode != 0
-    assert "TRITON_INTERPRET=1 is not set" in r.stderr
+    assert "TRITON_INTERPRET=1 was not set" in r.stderr
+
+
+CHOICE = "from xent_triton import config\nprint(config.choose_backend('cpu', config.active))"
 
 
 def test_auto_uses_fallback_on_plain_cpu():
-    r = run("import torch\nfrom xent_triton import backend\nprint(backend.choose(torch.device('cpu')))")
+    r = run(CHOICE)
     assert r.stdout.strip() == "torch", r.stderr
 
 
 def test_auto_uses_interpreter_when_enabled():
-    r = run("import torch\nfrom xent_triton import backend\nprint(backend.choose(torch.device('cpu')))",
-            TRITON_INTERPRET="1")
+    r = run(CHOICE, TRITON_INTERPRET="1")
     assert r.stdout.strip() == "triton", r.stderr
 
 
+def test_environment_read_once_at_import():
+    """The variables are read when xent_triton is imported; later changes of the environment do nothing,
+    set_backend does."""
+    r = run("import os, torch, xent_triton\n"
+            "from xent_triton import config\n"
+            "os.environ['XENT_TRITON_BACKEND'] = 'triton'\n"
+            "print(config.get_backend(), config.choose_backend('cpu', config.active))\n"
+            "xent_triton.set_backend('torch')\n"
+            "print(config.get_backend(), config.choose_backend('cpu', config.active))",
+            XENT_TRITON_BACKEND="auto", TRITON_INTERPRET="1")
+    assert r.stdout.split() == ["auto", "triton", "torch", "torch"], r.stderr
+
+
+def test_bad_environment_value_raises_at_import():
+    r = run("import xent_triton", XENT_TRITON_BACKEND="cuda")
+    assert r.returncode != 0 and "XENT_TRITON_BACKEND must be one of" in r.stderr
+
+
 def test_forced_choices(monkeypatch):
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "torch")
-    assert backend.choose(torch.device("cpu")) == "torch"
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "TRITON")
-    if backend.interpreter_enabled() or torch.cuda.is_available():
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        assert backend.choose(dev) == "triton"
+    set_config(monkeypatch, backend="torch")
+    assert config.choose_backend("cpu", config.active) == "torch"
+    set_config(monkeypatch, backend="triton")
+    if config.active.interpreter or torch.cuda.is_available():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        assert config.choose_backend(dev, config.active) == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        xent_triton.set_backend("cuda")
+
+
+def test_overrides_restore():
+    before = config.active
+    with config.overrides(backend="torch", split=3) as inside:
+        assert config.active is inside and inside.backend == "torch" and inside.split == 3
+    assert config.active is before
+    with pytest.raises(RuntimeError):
+        with config.overrides(rows=1):
+            raise RuntimeError
+    assert config.active is before
 
 
 def test_outputs_start_poisoned():

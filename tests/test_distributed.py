@@ -212,7 +212,7 @@ def _check_layout_errors(counter, rank):
 
 def _worker(rank, world, store, device, sizes, env):
     # The parent's settings at launch time (a forkserver child would otherwise see the environment
-    # of the moment the server started). backend.choose reads them at each call.
+    # of the moment the server started), read again as xent_triton's import reads them.
     for key, value in env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -226,9 +226,12 @@ def _worker(rank, world, store, device, sizes, env):
         subgroup = dist.new_group([1, 2]) if world == 3 and device == "cpu" else None
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        xent_triton._alloc.POISON = float("nan")  # an unwritten output element shows up as NaN
+        xent_triton.config.active = xent_triton.config.from_environment()
+        from xent_triton import _alloc
+        _alloc.POISON = float("nan")  # an unwritten output element shows up as NaN
         if env.get("XENT_TRITON_BACKEND") in ("torch", "triton"):
-            assert xent_triton.backend.choose(torch.device(device)) == env["XENT_TRITON_BACKEND"]
+            cfg = xent_triton.config.active
+            assert xent_triton.config.choose_backend(torch.device(device).type, cfg) == env["XENT_TRITON_BACKEND"]
         counter = CollectiveCounter()
         gen = torch.Generator().manual_seed(1234)  # the same stream on every rank
         last = Case(sizes, rank, device, axis=-1)

@@ -13,6 +13,7 @@ import pathlib
 
 import pytest
 import torch
+from helpers import set_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -51,7 +52,7 @@ def distill_digits():
     pytest.param("triton", marks=[] if CUDA else [pytest.mark.slow]),
 ])
 def test_distill_digits(distill_digits, backend_name, monkeypatch, device, tmp_path):
-    monkeypatch.setenv("XENT_TRITON_BACKEND", backend_name)
+    set_config(monkeypatch, backend=backend_name)
     interpreted = backend_name == "triton" and device.type == "cpu"
     out = tmp_path / "loss.png"
     argv = (MICRO if interpreted else SHORT) + ["--compare-torch", "--out", str(out), "--device", str(device)]

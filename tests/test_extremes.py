@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import xent_triton
-from helpers import close, rand_logits, rand_probs, ref_soft
+from helpers import close, rand_logits, rand_probs, ref_soft, set_config
 from xent_triton import softmax_cross_entropy_with_logits as sce
 
 pytestmark = pytest.mark.usefixtures("row_kernels")
@@ -163,9 +163,8 @@ def test_large_vocab_small_batch_exactness(backend, device):
 @pytest.mark.parametrize("split", [1, 2])
 def test_very_negative_finite_rows(backend, device, split, monkeypatch):
     """A first max below -88 (fp32 exp underflow range) must not turn into 0 * inf."""
-    from xent_triton import launch_config
 
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", split)
+    set_config(monkeypatch, split=split)
     x = torch.randn(3, 4096, device=device) - 100.0
     x[1, :2048] = torch.finfo(torch.float32).min  # a masked vocabulary half, masked with a finite value
     x[2, :3000] = float("-inf")
@@ -191,10 +190,9 @@ def test_statistics_merged_across_slices(backend, device, split, stages, monkeyp
     (kernels/xent_forward.combine_parts): slices wholly -inf, slices far below the row's max, label mass
     only on a few finite columns, and one -inf logit under a label deep in the row, across many blocks
     and split parts; with the loads pipelined (STAGES 3) or not."""
-    from xent_triton import launch_config
 
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", split)
-    monkeypatch.setattr(launch_config, "FORCE_TILE", (512, 4, stages))
+    set_config(monkeypatch, split=split)
+    set_config(monkeypatch, tile=(512, 4, stages))
     V = 5000
     x = rand_logits((5, V), torch.float32, device, requires_grad=False)
     cols = torch.arange(V, device=device)

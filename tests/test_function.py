@@ -1,4 +1,4 @@
-"""The in-place memory mode (InplaceGradCrossEntropy): right gradients, or autograd's error."""
+"""The in-place memory mode (``inplace_backward=True``): right gradients, or autograd's error."""
 import pytest
 import torch
 import torch.nn.functional as F

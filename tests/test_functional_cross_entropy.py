@@ -328,8 +328,8 @@ def test_hard_forward_reads_no_label_matrix(backend, device):
 
     x = rand_logits((8, 100), torch.float32, device, requires_grad=False)
     t = torch.randint(0, 100, (8,), device=device)
-    rows = make_rows(x, None, t, None, 1)
-    assert rows.labels is None and rows.target.numel() == 8
+    _layout, _x, labels, target, _w = make_rows(x, None, t, None, 1)
+    assert labels is None and target.numel() == 8
 
 
 def test_strided_class_index_target(backend, device):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import xent_triton
-from helpers import close, grads, rand_logits, rand_probs, ref_soft, tol
+from helpers import close, grads, rand_logits, rand_probs, ref_soft, tol, set_config
 from xent_triton import softmax_cross_entropy_with_logits as sce
 
 pytestmark = pytest.mark.usefixtures("row_kernels")
@@ -115,9 +115,9 @@ def test_broadcast_labels_not_materialized(backend, device):
 
     logits = rand_logits((64, 100), torch.float32, device, requires_grad=False)
     labels = rand_probs((1, 100), torch.float32, device)
-    rows = make_rows(logits, labels, None, None, 1)
-    assert rows.labels.data_ptr() == labels.data_ptr() and rows.y_strides == (0, 0)
-    assert rows.logits.data_ptr() == logits.data_ptr()
+    layout, x, y, _t, _w = make_rows(logits, labels, None, None, 1)
+    assert y.data_ptr() == labels.data_ptr() and layout.y_strides == (0, 0)
+    assert x.data_ptr() == logits.data_ptr()
 
 
 def test_unnormalized_and_negative_labels(backend, device):
@@ -279,16 +279,15 @@ def test_split_rows_match_single_program(backend, device, split, monkeypatch):
     """The split-row forward (small N) equals the one-program-per-row forward."""
     if backend != "triton":
         pytest.skip("split only exists in the Triton path")
-    from xent_triton import launch_config
 
     logits = rand_logits((3, 9000), torch.float32, device, requires_grad=False)
     logits[1, :4000] = float("-inf")
     logits[2] = float("-inf")
     labels = rand_probs((3, 9000), torch.float32, device)
     labels[2] = 0
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 1)
+    set_config(monkeypatch, split=1)
     one = sce(labels, logits)
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", split)
+    set_config(monkeypatch, split=split)
     many = sce(labels, logits)
     close(many, one, rtol=1e-6, atol=1e-6)
     close(many, ref_soft(labels, logits), rtol=1e-5, atol=1e-5)
@@ -299,8 +298,8 @@ def test_broadcast_labels_stay_broadcast_when_logits_need_a_copy(backend, device
 
     logits = rand_logits((2, 3, 4, 6), torch.float32, device, requires_grad=False)[:, :, ::2]
     labels = rand_probs((6,), torch.float32, device)
-    rows = make_rows(logits, labels, None, None, 3)
-    assert rows.labels.data_ptr() == labels.data_ptr()  # read with stride 0, not materialized
+    _layout, _x, y, _t, _w = make_rows(logits, labels, None, None, 3)
+    assert y.data_ptr() == labels.data_ptr()  # read with stride 0, not materialized
     check_soft(labels.requires_grad_(), logits.requires_grad_(), -1)
 
 

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(r'''
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from xent_triton.kernels import (xent_forward_kernel, xent_combine_kernel, xent_backward_kernel, xent_step_kernel,
+    from xent_triton.kernels import (xent_forward_kernel, xent_combine_kernel, xent_backward_kernel,
                                     xent_rows_forward_kernel, xent_rows_backward_kernel)
 
     FLOATS = {"smoothing", "smoothing_lo", "z_scale", "z_scale_lo", "softcap", "softcap_lo"}
@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(r'''
         if "ACC" in consts:
             consts["ACC"] = ACC[consts["ACC"]]
         fn = {"fwd": xent_forward_kernel, "combine": xent_combine_kernel, "bwd": xent_backward_kernel,
-              "step": xent_step_kernel, "rows_fwd": xent_rows_forward_kernel,
+              "rows_fwd": xent_rows_forward_kernel,
               "rows_bwd": xent_rows_backward_kernel}[kind]
         size, local, regs, vld, vst, cp, layouts = build(fn, ptrs, consts, warps, case.get("ints", "i32"))
         print("compiled", kind, size, "regs", regs, "max", case.get("max_regs"), "vld", vld, "vst", vst,
@@ -93,21 +93,13 @@ def _ept(x, block, warps):
     return slice_width(block, warps, {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[x])
 
 
-def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, skip=False, divide=False):
+def _bwd(x, y, acc, hard, extras, need_dy, block=2048, warps=16, divide=False):
     ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i32", W="*fp32", G="*fp32", DEN="*i64", STATS=f"*{acc}",
-                DX=f"*{x}", DY=f"*{y}", S="*fp32", WROTE="*i32", POLICY="*i32")
+                DX=f"*{x}", DY=f"*{y}")
     consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, NEED_DX=True,
-                  NEED_DY=need_dy, SKIP_SCALED=skip, DIVIDE=divide, Y_ALIGNED=x == y, DX_ALIGNED=True,
+                  NEED_DY=need_dy, DIVIDE=divide, Y_ALIGNED=x == y, DX_ALIGNED=True,
                   DY_ALIGNED=x == y, BLOCK=block, ACC=acc)
     return dict(kind="bwd", ptrs=ptrs, consts=consts, warps=warps)
-
-
-def _step(x, y, acc, hard, extras, block=4096, warps=16, stages=1):
-    ptrs = dict(X=f"*{x}", Y=f"*{y}", T="*i64", W="*fp32", S=f"*{acc}", WROTE="*i32",
-                LOSS="*fp32", LSE=f"*{acc}", STATS=f"*{acc}", DX=f"*{x}")
-    consts = dict(HARD=hard, HAS_WEIGHT=extras, SMOOTH=extras, HAS_Z=extras, SOFTCAP=extras, Y_ALIGNED=x == y,
-                  DX_ALIGNED=True, BLOCK=block, EPT=_ept(x, block, warps), ACC=acc, STAGES=stages)
-    return dict(kind="step", ptrs=ptrs, consts=consts, warps=warps)
 
 
 def _rows(kind, x, y, acc, hard, extras, rows, block, warps, need_dy=False, max_regs=128, divide=False):
@@ -131,10 +123,7 @@ CASES = {
     # row tiles, and the row tiles' plain class indices (which build no q).
     "forward_hard_smoothing_only": [dict(_fwd("bf16", "bf16", "fp32", True, False),
                                          consts=dict(_fwd("bf16", "bf16", "fp32", True, False)["consts"],
-                                                     SMOOTH=True)),
-                                    dict(_step("bf16", "bf16", "fp32", True, False, block=2048, warps=8),
-                                         consts=dict(_step("bf16", "bf16", "fp32", True, False, block=2048,
-                                                           warps=8)["consts"], SMOOTH=True))],
+                                                     SMOOTH=True))],
     "row_tiles_hard_plain_and_smoothing": [
         _rows("rows_fwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16),
         dict(_rows("rows_fwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16),
@@ -148,12 +137,10 @@ CASES = {
     "backward_soft_with_dlabels": [_bwd("bf16", "fp32", "fp32", False, False, True)],
     "backward_hard_all_features": [_bwd("bf16", "bf16", "fp32", True, True, False)],
     "backward_fp64": [_bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4)],
-    "backward_after_fused_step": [_bwd("bf16", "bf16", "fp32", True, True, False, skip=True)],
     # A mean's backward: the upstream gradient divided by a device count or weight sum.
     "backward_of_a_mean": [_bwd("bf16", "bf16", "fp32", True, False, False, divide=True),
                            _bwd("fp64", "fp64", "fp64", False, True, True, block=512, warps=4, divide=True),
                            _rows("rows_bwd", "bf16", "bf16", "fp32", True, False, 4, 1024, 16, divide=True)],
-    "fused_step_hard_bf16": [_step("bf16", "bf16", "fp32", True, False)],
     # The tiles launch_config.rows_launch picks: 2 x 1024 (V = 1000), 16 x 128, 128 x 2, all with 4 elements
     # per thread; fp64 with every feature is the heaviest.
     "row_tiles_soft_bf16": [_rows("rows_fwd", "bf16", "bf16", "fp32", False, False, 2, 1024, 16),
@@ -164,15 +151,7 @@ CASES = {
                                      _rows("rows_bwd", "fp32", "fp16", "fp32", False, True, 128, 2, 2, True),
                                      _rows("rows_bwd", "fp64", "fp64", "fp64", True, True, 128, 16, 16,
                                            max_regs=255)],
-    "fused_step_soft_all_features": [_step("bf16", "fp32", "fp32", False, True, block=2048)],
-    "fused_step_hard_all_features_fp64": [_step("fp64", "fp64", "fp64", True, True, block=512, warps=4)],
-    # Pipelined loads (STAGES, perf/NOTES.md P17): the fused step's default tile and the tuner's forward
-    # candidates. Registers at 3 stages (Triton 3.9 / 3.6): step hard 2048/8 69 / 99, soft 98 / 128.
-    # 128 at most: the heuristic's two 256-thread programs per SM share its 65536 registers.
-    "pipelined_fused_step": [dict(_step("bf16", "bf16", "fp32", True, False, block=2048, warps=8, stages=3),
-                                  max_regs=128),
-                             dict(_step("bf16", "bf16", "fp32", False, False, block=2048, warps=8, stages=3),
-                                  max_regs=128)],
+    # Pipelined loads (STAGES, perf/NOTES.md P17): the tuner's forward candidates.
     "pipelined_forward": [_fwd("bf16", "bf16", "fp32", False, False, block=1024, warps=4, stages=3),
                           _fwd("bf16", "bf16", "fp32", True, True, block=2048, warps=8, stages=4),
                           _fwd("fp32", "fp32", "fp32", False, True, block=1024, warps=8, stages=3)],
@@ -208,7 +187,7 @@ def test_kernel_compiles_for_sm90(name):
         regs, limit = words[words.index("regs") + 1], words[words.index("max") + 1]
         assert limit == "None" or regs == "None" or int(regs) <= int(limit), line
         # The integer arguments are compiled with no divisibility known (as for V = 50257): the row
-        # loops still load, and the backward and the fused step still store, whole blocks as vectors
+        # loops still load, and the backward still stores, whole blocks as vectors
         # (kernels/row_math.aligned_run).
         kind, vld, vst = words[1], int(words[words.index("vld") + 1]), int(words[words.index("vst") + 1])
         # STAGES > 1: the whole blocks' loads are 16-byte asynchronous copies into shared memory (the
@@ -216,9 +195,9 @@ def test_kernel_compiles_for_sm90(name):
         stages, cp = words[words.index("stages") + 1], int(words[words.index("cp") + 1])
         pipelined = stages not in ("None", "1")
         assert (cp > 0) == pipelined, line
-        if kind in ("fwd", "bwd", "step"):
+        if kind in ("fwd", "bwd"):
             assert vld > 0 or pipelined, line
-        if kind in ("bwd", "step"):
+        if kind == "bwd":
             assert vst > 0, line
         # One register layout for a block of columns. A second one means that part of the block's math
         # was computed apart from the logits' lanes and moved between layouts through shared memory

@@ -4,25 +4,46 @@ import json
 import pytest
 import torch
 
-from xent_triton import launch_config as lc
+from xent_triton import launch_config as lc, prepare
+from helpers import set_config
 
 CPU = torch.device("cpu")
+
+
+class TilesFile:
+    """tiles.json in a test's folder; ``write(tiles)`` stores one table for this machine's device and
+    Triton (and may add tables for others)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, tiles, gpu=None, triton=None, others=()):
+        tables = [{"gpu": gpu or lc.device_name(_device()), "triton": triton or lc.triton_minor(), "tiles": tiles},
+                  *others]
+        self.path.write_text(json.dumps({"tables": tables}))
+        lc.reload_tiles()
+        prepare.clear_cache()
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else CPU
 
 
 @pytest.fixture
 def tiles_file(tmp_path, monkeypatch):
     path = tmp_path / "tiles.json"
     monkeypatch.setattr(lc, "TILES_FILE", str(path))
-    lc.measured_tiles.cache_clear()
-    yield path
-    lc.measured_tiles.cache_clear()
+    lc.reload_tiles()
+    prepare.clear_cache()
+    yield TilesFile(path)
+    lc.reload_tiles()
+    prepare.clear_cache()
 
 
 def test_heuristic_without_table(tiles_file):
+    tiles_file.write({})
     f = lc.forward_launch(4096, 128256, 2, CPU)
     assert (f.block, f.num_warps, f.split, f.stages) == (2048, 16, 1, 1)
-    step = lc.step_launch(128256, 2, CPU)
-    assert (step.block, step.num_warps, step.stages) == (2048, 8, lc._STEP_STAGES)
     f = lc.forward_launch(4096, 128256, 4, CPU)
     assert (f.block, f.num_warps) == (1024, 8)
     small = lc.forward_launch(4096, 10, 2, CPU)
@@ -30,9 +51,8 @@ def test_heuristic_without_table(tiles_file):
 
 
 def test_measured_table_is_used(tiles_file):
-    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
-        "forward": {"2": [[40000, 4096, 8], [300000, 1024, 4]]},
-        "backward": {"2": [[300000, 512, 2]]}}}))
+    tiles_file.write({"forward": {"2": [[40000, 4096, 8], [300000, 1024, 4]]},
+                      "backward": {"2": [[300000, 512, 2]]}})
     assert (lc.forward_launch(4096, 32000, 2, CPU).block, lc.forward_launch(4096, 32000, 2, CPU).num_warps) == (4096, 8)
     assert lc.forward_launch(4096, 128256, 2, CPU).block == 1024
     assert lc.backward_launch(4096, 128256, 2, CPU).num_warps == 2
@@ -44,31 +64,40 @@ def test_measured_table_is_used(tiles_file):
 
 
 def test_stages_from_the_table(tiles_file):
-    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
-        "forward": {"2": [[40000, 1024, 4, 3], [300000, 2048, 8]]},
-        "step_hard": {"2": [[32000, 4096, 16, 1, 4], [128256, 2048, 8, 2], [256000, 0, 0, 0, 0]]}}}))
+    tiles_file.write({"forward": {"2": [[40000, 1024, 4, 3], [300000, 2048, 8]]}})
     assert lc.forward_launch(4096, 32000, 2, CPU).stages == 3
     assert lc.forward_launch(4096, 128256, 2, CPU).stages == 1
-    s = lc.step_launch(32000, 2, CPU)
-    assert (s.block, s.num_warps, s.programs, s.stages) == (4096, 16, lc._sm_count("cpu", None), 4)
-    s = lc.step_launch(128256, 2, CPU)  # a step row without stages was measured without pipelining
-    assert (s.block, s.num_warps, s.stages) == (2048, 8, 1)
-    # The two kernels won at 256000 (programs_per_sm 0): auto never takes the fused step there, and a
-    # forced one gets the heuristic tile.
-    assert not lc.use_fused_step(10**6, 256000, 2, torch.device("cuda", 0))
-    assert lc.step_launch(256000, 2, CPU).stages == lc._STEP_STAGES
+
+
+def test_table_keyed_by_device_and_triton(tiles_file):
+    """A table measured on another GPU, or with another Triton minor version, does not apply: the heuristic
+    does."""
+    heuristic = lc.forward_launch(4096, 32000, 2, CPU)
+    table = {"forward": {"2": [[300000, 512, 2, 3]]}}
+    tiles_file.write({}, others=[{"gpu": "Some Other GPU", "triton": lc.triton_minor(), "tiles": table},
+                                 {"gpu": lc.device_name(CPU), "triton": "2.0", "tiles": table}])
+    assert lc.forward_launch(4096, 32000, 2, CPU) == heuristic
+    tiles_file.write(table)
+    assert lc.forward_launch(4096, 32000, 2, CPU).block == 512
+
+
+def test_shipped_table_is_keyed():
+    """The shipped tiles.json: every table names its GPU and Triton major.minor, and holds the passes
+    launch_config reads."""
+    with open(lc.TILES_FILE) as f:
+        tables = json.load(f)["tables"]
+    assert tables
+    for t in tables:
+        assert t["gpu"] and t["triton"].count(".") == 1
+        assert set(t["tiles"]) <= {"forward", "backward", "forward_few"}
 
 
 def test_forced_tiles(monkeypatch, tiles_file):
-    monkeypatch.setattr(lc, "FORCE_TILE", (512, 2))
+    tiles_file.write({})
+    set_config(monkeypatch, tile=(512, 2))
     assert (lc.forward_launch(4096, 32000, 2, CPU).block, lc.forward_launch(4096, 32000, 2, CPU).stages) == (512, 1)
-    monkeypatch.setattr(lc, "FORCE_TILE", (512, 2, 3))
+    set_config(monkeypatch, tile=(512, 2, 3))
     assert lc.forward_launch(4096, 32000, 2, CPU).stages == 3
-    monkeypatch.setattr(lc, "FORCE_STEP", (1024, 4, 1))
-    assert lc.step_launch(32000, 2, CPU).stages == lc._STEP_STAGES
-    monkeypatch.setattr(lc, "FORCE_STEP", (1024, 4, 1, 2))
-    s = lc.step_launch(32000, 2, CPU)
-    assert (s.block, s.num_warps, s.stages) == (1024, 4, 2)
 
 
 @pytest.mark.parametrize("n_rows,n_cols", [(1, 128256), (3, 9000), (64, 256000), (4096, 256000)])
@@ -81,9 +110,8 @@ def test_split_parts_cover_the_row(n_rows, n_cols):
 def test_few_rows_table(tiles_file, monkeypatch):
     """A "forward_few" row turns the split off up to its row count, with its own tile; without one, or past
     it, the split rule stands. (The nominal CPU device has 4 SMs: fewer than 8 rows split.)"""
-    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
-        "forward": {"2": [[2**31 - 1, 1024, 4]]},
-        "forward_few": {"2": [[40000, 5, 4096, 16, 4], [2**31 - 1, 0, 4096, 16, 4]]}}}))
+    tiles_file.write({"forward": {"2": [[2**31 - 1, 1024, 4]]},
+                      "forward_few": {"2": [[40000, 5, 4096, 16, 4], [2**31 - 1, 0, 4096, 16, 4]]}})
     few = lc.forward_launch(3, 32000, 2, CPU)
     assert (few.split, few.block, few.num_warps, few.stages) == (1, 4096, 16, 4)
     assert few.cols_per_prog >= 32000 and few.cols_per_prog % few.block == 0
@@ -92,10 +120,10 @@ def test_few_rows_table(tiles_file, monkeypatch):
     assert lc.forward_launch(3, 32000, 4, CPU).split > 1  # no fp32 row
     small = lc.forward_launch(1, 1000, 2, CPU)  # a row that the rule does not split keeps its tile
     assert (small.split, small.block) == (1, 1024)
-    monkeypatch.setattr(lc, "FORCE_SPLIT", 2)
+    set_config(monkeypatch, split=2)
     assert lc.forward_launch(3, 32000, 2, CPU).split == 2
-    monkeypatch.setattr(lc, "FORCE_SPLIT", None)
-    monkeypatch.setattr(lc, "FORCE_TILE", (512, 2))
+    set_config(monkeypatch, split=None)
+    set_config(monkeypatch, tile=(512, 2))
     assert lc.forward_launch(3, 32000, 2, CPU).split > 1  # the tuner's forced tiles keep the split rule
 
 
@@ -107,8 +135,7 @@ def test_few_rows_table_result(backend, device, tiles_file):
     import xent_triton
     from helpers import close, rand_logits, rand_probs, tol
 
-    tiles_file.write_text(json.dumps({"gpu": "test", "tiles": {
-        "forward_few": {"4": [[2**31 - 1, 5, 512, 4, 3]], "2": [[2**31 - 1, 5, 512, 4, 3]]}}}))
+    tiles_file.write({"forward_few": {"4": [[2**31 - 1, 5, 512, 4, 3]], "2": [[2**31 - 1, 5, 512, 4, 3]]}})
     for dtype in (torch.float32, torch.bfloat16):
         x = rand_logits((3, 9000), dtype, device)
         assert lc._launch("forward", 3, 9000, x.element_size(), device).split > 1  # the rule alone splits

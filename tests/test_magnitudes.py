@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import xent_triton
-from xent_triton import launch_config
-from helpers import close, magnitude_logits, rand_probs, ref_xent, tol
+from helpers import close, magnitude_logits, rand_probs, ref_xent, tol, set_config
 
 V = 37
 DTYPES = [torch.float32, torch.float64]
@@ -32,9 +31,9 @@ def path(request, monkeypatch):
     """Each backend, and on the kernels each forward and backward pair: one program per row, the row split
     across programs (and the combine kernel), several rows per program (kernels/xent_rows.py)."""
     backend, _, kernels = request.param.partition("-")
-    monkeypatch.setenv("XENT_TRITON_BACKEND", backend)
-    monkeypatch.setattr(launch_config, "FORCE_ROWS", "max" if kernels == "row_tiles" else 1)
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 3 if kernels == "split" else 1)
+    set_config(monkeypatch, backend=backend)
+    set_config(monkeypatch, rows="max" if kernels == "row_tiles" else 1)
+    set_config(monkeypatch, split=3 if kernels == "split" else 1)
     return request.param
 
 
@@ -112,13 +111,11 @@ def test_two_equal_huge_logits(backend, device, dtype):
         close(dx, torch.tensor([[-0.5, 0.5]], dtype=torch.float64), **tol(dtype))
 
 
-@pytest.mark.parametrize("mode", ["inplace_backward", "fused_step", "create_graph", "reduced"])
+@pytest.mark.parametrize("mode", ["inplace_backward", "create_graph", "reduced"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_other_routes(backend, device, dtype, mode, monkeypatch):
-    """The in-place mode, the fused step, double backward's first-order values and the reduced loss's own
-    autograd node form the softmax from the same statistics."""
-    if mode == "fused_step":
-        monkeypatch.setenv(launch_config.FUSED_STEP_ENV, "1")
+    """The in-place mode, double backward's first-order values and the reduced loss form the softmax from
+    the same statistics."""
     x, t, kw = _problem("index_weight_smooth", dtype, device)
     kw["lse_square_scale"] = 1e-4
     reduction = "none" if mode == "create_graph" else "sum"

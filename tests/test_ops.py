@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import xent_triton
-from xent_triton.function import SoftmaxCrossEntropyWithLogits
-from helpers import close, rand_logits, rand_probs, tol
+from xent_triton import SoftmaxCrossEntropyFunction as SoftmaxCrossEntropyWithLogits
+from helpers import close, rand_logits, rand_probs, tol, set_config
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -102,10 +102,8 @@ def test_autocast_keeps_half_logits(backend, device):
 
 
 @cuda_only
-@pytest.mark.parametrize("fused_step", ["0", "1"])
 @pytest.mark.parametrize("shape", [(64, 5000), (2048, 100)])  # split rows; row tiles
-def test_cuda_graph_capture_and_replay(monkeypatch, shape, fused_step):
-    monkeypatch.setenv("XENT_TRITON_FUSED_STEP", fused_step)
+def test_cuda_graph_capture_and_replay(shape):
     dev = torch.device("cuda")
     x = rand_logits(shape, torch.bfloat16, dev, requires_grad=False)
     t = torch.randint(0, shape[1], shape[:1], device=dev)
@@ -184,7 +182,7 @@ def test_tensors_on_another_gpu_than_the_current_one(kind):
     close(g, r, rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------ eager calls skip the dispatcher (ops._direct)
+# ------------------------------------------------------------------ eager calls skip the dispatcher (prepare.direct)
 
 def _all_paths(device):
     """Loss and gradients of each entry point that reaches the ops, for the same inputs."""
@@ -202,7 +200,7 @@ def _all_paths(device):
         (lambda: xent_triton.cross_entropy(x * 1.0, t, inplace_backward=True, reduction="sum"), [x]),
         (lambda: SoftmaxCrossEntropyWithLogits.apply(y, x, -1).mean(), [x, y]),
         (lambda: xent_triton.cross_entropy(x, y.detach(), reduction="none").sum(), [x]),
-        # Reduced losses (one autograd node on the direct path, ops._ReducedFunction): the mean's
+        # Reduced losses (one autograd node on the direct path, function.CrossEntropyFunction): the mean's
         # division in the backward kernel must give the composition's bits.
         (lambda: xent_triton.cross_entropy(x, t), [x]),
         (lambda: xent_triton.cross_entropy(xh, t) * 3.0, [xh]),
@@ -220,9 +218,9 @@ def _all_paths(device):
 def test_eager_direct_path_equals_custom_ops(backend, device, monkeypatch):
     """The eager path (implementation called directly) and the custom ops give bitwise the same losses and
     gradients, for plain, weighted/smoothed/z-loss, in-place and Function entry points."""
-    from xent_triton import ops
+    from xent_triton import prepare
     direct = _all_paths(device)
-    monkeypatch.setattr(ops, "_direct", lambda *t: False)
+    monkeypatch.setattr(prepare, "direct", lambda *t: False)
     through_ops = _all_paths(device)
     for a, b in zip(direct, through_ops):
         for u, v in zip(a, b):
@@ -247,20 +245,21 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "expan
 
 
 def test_mean_step_host_work(device, monkeypatch):
-    """Host work of an eager training step with the default mean (ops._ReducedFunction): one autograd node,
+    """Host work of an eager training step with the default mean (function.CrossEntropyFunction): one autograd node,
     two kernel launches, and no torch kernel in the backward but autograd's own ones_like. Small problems
     take as long as their host work (perf/NOTES.md P14); this holds the count down."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from xent_triton import _alloc, ops, triton_backend
+    from xent_triton import _alloc, prepare, triton_backend
 
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    set_config(monkeypatch, backend="triton")
     monkeypatch.setattr(_alloc, "POISON", None)  # no kernel runs: nothing to poison, and no fill to count
     log = []
     for name in dir(triton_backend):
         if name.endswith("_kernel"):
             monkeypatch.setattr(triton_backend, name, _Recorder(log, name))
-    monkeypatch.setattr(ops, "_direct", lambda *t: True)  # the dispatch mode below would turn it off
+    monkeypatch.setattr(prepare, "direct", lambda *t: True)  # the dispatch mode below would turn it off
+    prepare.clear_cache()  # calls prepared before hold the real kernels
 
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -276,7 +275,7 @@ def test_mean_step_host_work(device, monkeypatch):
         forward = list(log)
         log.clear()
         loss.backward()
-    assert type(loss.grad_fn).__name__ == "_ReducedFunctionBackward"
+    assert type(loss.grad_fn).__name__ == "CrossEntropyFunctionBackward"
     assert [type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None] == ["AccumulateGrad"]
     # The denominator (ne, sum), the kernel, the loss's sum and its division (rounded on store).
     assert [e for e in forward if e[0] == "launch"] == [("launch", "xent_forward_kernel")]
@@ -304,23 +303,23 @@ def test_compiled_autograd_reduced_loss(backend, device, kind, reduction):
 
 
 def test_direct_only_for_plain_eager_tensors(device):
-    """ops._direct: plain tensors in eager mode only; fake tensors, torch.func transforms and tensor
+    """prepare.direct: plain tensors in eager mode only; fake tensors, torch.func transforms and tensor
     subclasses go through the custom ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from xent_triton import ops
+    from xent_triton.prepare import direct
     x = torch.randn(3, 5, device=device)
-    assert ops._direct(x, None, torch.nn.Parameter(x.clone()))
+    assert direct(x, None, torch.nn.Parameter(x.clone()))
     with FakeTensorMode() as mode:
-        assert not ops._direct(mode.from_tensor(x))
-        assert not ops._direct(torch.empty(3, 5, device=device))  # the mode alone is enough
+        assert not direct(mode.from_tensor(x))
+        assert not direct(torch.empty(3, 5, device=device))  # the mode alone is enough
 
     class Sub(torch.Tensor):
         pass
 
-    assert not ops._direct(x.as_subclass(Sub))
+    assert not direct(x.as_subclass(Sub))
     seen = []
-    torch.func.grad(lambda z: seen.append(ops._direct(z)) or z.sum())(x)
+    torch.func.grad(lambda z: seen.append(direct(z)) or z.sum())(x)
     assert seen == [False]
 
 

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xent_triton
-from xent_triton import launch_config
 from helpers import TOL, ref_soft
 
 EXAMPLES = int(os.environ.get("XENT_HYPOTHESIS_EXAMPLES", "25"))
@@ -185,30 +184,3 @@ def test_cross_entropy_property(backend, device, p, ignore_frac, smoothing, weig
     assert_as_accurate_as_torch(mean, same_mean, ref_mean, p["dtype"])
 
 
-@settings(SETTINGS, max_examples=max(1, EXAMPLES // 2))
-@given(p=problems(), ignore_frac=st.sampled_from([0.0, 0.3]), smoothing=st.sampled_from([0.0, 0.1]),
-       weighted=st.booleans(), reduction=st.sampled_from(["mean", "sum"]), upstream=st.sampled_from([1.0, 0.5]))
-def test_fused_step_property(backend, device, monkeypatch, p, ignore_frac, smoothing, weighted, reduction, upstream):
-    """The fused step gives the two-kernel step's loss and dlogits: bit for bit on the CPU (same
-    formulas, same rounding; the two-kernel forward is kept from splitting rows, whose combined lse
-    differs in the last bits, and from the measured tiles.json, whose bf16/fp16 forward block (1024)
-    is not the fused step's (2048): the online max and sum round differently by block), and with one
-    slice width for both (the statistics are kept per slice of a block, whose width follows the tile's
-    warps) and no row tiles (launch_config.FORCE_ROWS), within the dtype tolerance on a GPU."""
-    monkeypatch.setattr(launch_config, "FORCE_SPLIT", 1)
-    monkeypatch.setattr(launch_config, "measured_tiles", lambda: {})
-    monkeypatch.setattr(launch_config, "slice_width", lambda block, warps, itemsize: min(16 // itemsize, block))
-    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)  # the row tiles sum a whole row at once
-    p, gen, x0, t, w = _class_dim_problem(p, device, ignore_frac, weighted, torch.int64)
-    kw = dict(weight=w.to(p["dtype"]) if w is not None else None, label_smoothing=smoothing, reduction=reduction)
-    results = []
-    for mode in ("0", "1"):
-        monkeypatch.setenv("XENT_TRITON_FUSED_STEP", mode)
-        x = _layout(x0, p["layout"], gen).requires_grad_()
-        loss = xent_triton.cross_entropy(x, t, **kw)
-        (gx,) = torch.autograd.grad(loss * upstream, x)
-        results.append((loss.detach(), gx))
-    (l0, g0), (l1, g1) = results
-    exact = dict(rtol=0, atol=0) if device.type == "cpu" else TOL[p["dtype"]]
-    torch.testing.assert_close(l1, l0, equal_nan=True, **exact)
-    torch.testing.assert_close(g1, g0, equal_nan=True, **exact)

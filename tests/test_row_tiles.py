@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 import xent_triton
 from xent_triton import launch_config
-from helpers import close, rand_logits, rand_probs, tol
+from helpers import close, rand_logits, rand_probs, tol, set_config
 
 
 def _both(monkeypatch, fn):
     out = {}
     for mode in (1, "max"):
-        monkeypatch.setattr(launch_config, "FORCE_ROWS", mode)
+        set_config(monkeypatch, rows=mode)
         out[mode] = fn()
     return out[1], out["max"]
 
@@ -25,7 +25,7 @@ def _both(monkeypatch, fn):
 @pytest.mark.parametrize("N", [1, 3, 70])
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_matches_one_row_kernels_and_torch(device, monkeypatch, kind, N, V):
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    set_config(monkeypatch, backend="triton")
     x0 = rand_logits((N, V), torch.float32, device, requires_grad=False)
     if kind == "soft":
         y = rand_probs((N, V), torch.float32, device)
@@ -59,7 +59,7 @@ def test_matches_one_row_kernels_and_torch(device, monkeypatch, kind, N, V):
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_vocabulary_shard(device, monkeypatch, kind):
     """A shard [offset, offset + V) of a wider vocabulary: the statistics the distributed loss combines."""
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    set_config(monkeypatch, backend="triton")
     N, V, offset, total = 40, 24, 30, 100
     x = rand_logits((N, V), torch.float32, device, requires_grad=False)
     y = rand_probs((N, V), torch.float32, device) if kind == "soft" else None
@@ -87,7 +87,7 @@ def test_vocabulary_shard(device, monkeypatch, kind):
 
 def test_soft_labels_gradient_and_strided_rows(device, monkeypatch):
     """dlabels, and rows addressed with two strides (a sliced 3-D batch)."""
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    set_config(monkeypatch, backend="triton")
     base = rand_logits((4, 9, 50), torch.float64, device, requires_grad=False)
     labels0 = rand_probs((4, 7, 45), torch.float64, device)
 
@@ -106,7 +106,7 @@ def test_soft_labels_gradient_and_strided_rows(device, monkeypatch):
 
 def test_inplace_mode(device, monkeypatch):
     """DX is X: every element of the tile is loaded before any is stored."""
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "triton")
+    set_config(monkeypatch, backend="triton")
     h0 = torch.randn(37, 20, dtype=torch.float64, device=device)
     t = torch.randint(0, 20, (37,), device=device)
 
@@ -133,8 +133,8 @@ def test_launch_rule(monkeypatch):
     assert launch_config.rows_launch(300, 1024, cuda) is None  # 1 row per program keeps more SMs busy
     # The class-index forward stays one row per program (measured faster, NOTES P11) unless tests force tiles.
     assert launch_config.rows_launch(32768, 1024, cuda, hard_forward=True) is None
-    monkeypatch.setattr(launch_config, "FORCE_ROWS", 1)
+    set_config(monkeypatch, rows=1)
     assert launch_config.rows_launch(32768, 1024, cuda) is None
-    monkeypatch.setattr(launch_config, "FORCE_ROWS", "max")
+    set_config(monkeypatch, rows="max")
     assert launch_config.rows_launch(3, 1024, cuda).rows == 4
     assert launch_config.rows_launch(3, 1024, cuda, hard_forward=True).rows == 4

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import xent_triton
 from xent_triton import functional
-from helpers import close, rand_logits
+from helpers import close, rand_logits, set_config
 
 C = 13
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -146,8 +146,7 @@ def test_double_backward_like_torch(backend, device, patched):
 def test_cpu_tensors_keep_torch_by_default(monkeypatch, patched, routed):
     """Without TRITON_INTERPRET (the auto backend on the CPU), torch's own kernels run: the fallback is
     slower than they are."""
-    monkeypatch.setenv("XENT_TRITON_BACKEND", "auto")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    set_config(monkeypatch, backend="auto", interpreter=False)
     x, t = _inputs("cpu")
     close(F.cross_entropy(x, t), ORIGINAL(x, t), **F64)
     assert routed == []

@@ -14,10 +14,11 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(_os.path.join(_root, "kernels")):
     __path__.append(_root)
 
-from . import ops  # noqa: E402,F401  (registers the torch.library custom ops)
-from .function import InplaceGradCrossEntropy, SoftmaxCrossEntropyWithLogits as SoftmaxCrossEntropyFunction  # noqa: E402
+from . import config, ops  # noqa: E402,F401  (ops registers the torch.library custom ops)
+from .config import get_backend, set_backend  # noqa: E402
 from .functional import (  # noqa: E402
-    cross_entropy, linear_cross_entropy, softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits)
+    SoftmaxCrossEntropyFunction, cross_entropy, linear_cross_entropy, softmax_cross_entropy_with_logits,
+    sparse_softmax_cross_entropy_with_logits)
 from .linear import LinearCrossEntropyFunction  # noqa: E402
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, SoftmaxCrossEntropyWithLogits  # noqa: E402
 from .torch_patch import TorchPatch, patch_torch  # noqa: E402
@@ -34,7 +35,9 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "SoftmaxCrossEntropyWithLogits",
     "SoftmaxCrossEntropyFunction",
-    "InplaceGradCrossEntropy",
     "patch_torch",
     "TorchPatch",
+    "set_backend",
+    "get_backend",
+    "config",
 ]

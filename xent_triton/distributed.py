@@ -44,9 +44,9 @@ from torch import Tensor
 
 from . import ops
 from . import validation as v
-from .functional import _autocast_on
-from .reduction import reduce_rows
-from .layout import acc_dtype, batch_shape
+from .dtypes import acc_dtype, tf_result_dtype, torch_result_dtype
+from .function import mean_denominator, reduce
+from .layout import batch_shape
 
 __all__ = ["softmax_cross_entropy_with_logits", "cross_entropy", "reset_shard_cache"]
 
@@ -222,7 +222,7 @@ def softmax_cross_entropy_with_logits(labels: Tensor, logits: Tensor, group=None
     axis = logits.dim() - 1
     v.check_soft_labels(labels, logits, axis)
     v.check_same_device(labels=labels, logits=logits)
-    out_dtype = ops.loss_dtype_of(logits, _autocast_on(logits))
+    out_dtype = tf_result_dtype(logits.dtype, torch.is_autocast_enabled(logits.device.type))
     return _per_row(logits, labels, None, axis, -100, 0.0, group).to(out_dtype)
 
 
@@ -253,6 +253,9 @@ def cross_entropy(input: Tensor, target: Tensor, group=None, ignore_index: int =
     axis, hard = v.check_cross_entropy_target(input, target, ignore_index)
     v.check_same_device(input=input, target=target)
     labels = None if hard else target
-    out_dtype = ops.torch_result_dtype(input.dtype, labels, None, _autocast_on(input))
+    out_dtype = torch_result_dtype(input.dtype, None if labels is None else labels.dtype, None,
+                                   torch.is_autocast_enabled(input.device.type))
     loss = _per_row(input, labels, target if hard else None, axis, ignore_index, label_smoothing, group)
-    return reduce_rows(loss, reduction, target if hard else None, ignore_index).to(out_dtype)
+    denom = mean_denominator(loss.numel(), target if hard else None, ignore_index, None) \
+        if reduction == "mean" else None
+    return reduce(loss, reduction, denom, out_dtype)

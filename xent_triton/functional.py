@@ -1,46 +1,17 @@
-"""The public functional API."""
+"""The public functional API. Each function prepares its call (xent_triton/prepare.py) and runs it:
+through function.CrossEntropyFunction in eager mode, through the custom ops (xent_triton/ops.py)
+where the dispatcher must see the call."""
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from . import call_plans
+from . import ops, prepare
 from . import validation as v
-from . import launch_config
-from .function import FusedStepCrossEntropy, InplaceGradCrossEntropy
-from .layout import check_inplace, make_rows
-from .linear import LinearCrossEntropyFunction, compute_dtype, default_chunk_rows
-from . import ops
-from .ops import loss_dtype_of, torch_result_dtype
-from .reduction import mean_denominator, reduce_rows, row_grad_scale
-
-
-def _autocast_on(t: torch.Tensor) -> bool:
-    return torch.is_autocast_enabled(t.device.type)
-
-
-def _inplace_mode(logits, inplace_backward) -> bool:
-    return inplace_backward and torch.is_grad_enabled() and logits.requires_grad
-
-
-def _per_row(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_square_scale, softcap,
-             loss_fp32, inplace_backward, step_scale=None):
-    """(loss, lse) per row through ``ops.forward``, the in-place mode, or (``step_scale`` given) the fused step."""
-    args = (logits, labels, target, weight, axis, int(ignore_index), float(label_smoothing),
-            float(lse_square_scale), float(softcap or 0.0), loss_fp32)
-    if step_scale is not None:
-        return FusedStepCrossEntropy.apply(*args, step_scale)
-    if _inplace_mode(logits, inplace_backward):
-        base = logits._base if logits._base is not None else logits
-        if base.is_leaf:
-            # torch's own rule for in-place ops: the gradient would overwrite a leaf's values.
-            raise RuntimeError("inplace_backward: a leaf Variable that requires grad (or a view of one) cannot "
-                               "hold its own gradient; pass the output of an op, e.g. the lm head's logits")
-        check_inplace(make_rows(logits, labels, target, weight, axis), logits, axis)
-        return InplaceGradCrossEntropy.apply(*args)
-    loss, lse, _stats = ops.forward(*args)
-    return loss, lse
+from .dtypes import INDEX_DTYPES, linear_compute_dtype
+from .function import CrossEntropyFunction
+from .linear import LinearCrossEntropyFunction, default_chunk_rows
 
 
 def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backward=False):
@@ -67,15 +38,23 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backwa
     The gradient is the exact ``softmax * sum(labels) - labels``; TensorFlow's fused kernel
     returns ``softmax - labels``, which differs when the labels do not sum to 1.
     """
-    if not inplace_backward:
-        planned = call_plans.softmax_cross_entropy_with_logits(labels, logits, axis)  # a signature seen before
-        if planned is not None:
-            return planned[0]
-    axis = v.check_soft_cross_entropy(labels, logits, axis)
-    autocast = _autocast_on(logits)
-    loss, _ = _per_row(logits, labels, None, None, axis, -100, 0.0, 0.0, None, autocast, inplace_backward)
-    # Under autocast the op returns the accumulation dtype (fp64 with fp64 labels): TF's rule is fp32.
-    return loss.to(loss_dtype_of(logits, autocast))
+    call = prepare.softmax_cross_entropy_with_logits(labels, logits, axis, inplace_backward)
+    if call.direct:
+        return CrossEntropyFunction.apply(logits, labels, None, call)[0]
+    return ops.loss(call, logits, labels, None)[0]
+
+
+class SoftmaxCrossEntropyFunction(CrossEntropyFunction):
+    """``loss = SoftmaxCrossEntropyFunction.apply(labels, logits, axis)``: TF's soft-label loss as a
+    ``torch.autograd.Function``, the same as :func:`softmax_cross_entropy_with_logits` (the one Function,
+    with TF's argument order)."""
+
+    @classmethod
+    def apply(cls, labels, logits, axis=-1):
+        call = prepare.softmax_cross_entropy_with_logits(labels, logits, axis, False)
+        if call.direct:
+            return super().apply(logits, labels, None, call)[0]
+        return ops.loss(call, logits, labels, None)[0]
 
 
 def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward=False):
@@ -90,14 +69,10 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward
         NaN for its row on the Triton path (as TF on GPU) and raises IndexError on the
         torch fallback (as TF on CPU).
     """
-    v.check_logits(logits)
-    axis = logits.dim() - 1
-    v.check_index_target(labels, logits, axis, name="labels")
-    v.check_same_device(labels=labels, logits=logits)
-    v.check_classes(logits, axis)
-    loss, _ = _per_row(logits, None, labels, None, axis, v.IGNORE_NOTHING, 0.0, 0.0, None, _autocast_on(logits),
-                       inplace_backward)
-    return loss
+    call = prepare.sparse_softmax_cross_entropy_with_logits(labels, logits, inplace_backward)
+    if call.direct:
+        return CrossEntropyFunction.apply(logits, labels, None, call)[0]
+    return ops.loss(call, logits, labels, None)[0]
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -126,63 +101,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)  # torch's rule, and its warning
-    if not inplace_backward:
-        # Eager calls of a signature seen before: checks and launch choices kept from its first call.
-        planned = call_plans.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                                           lse_square_scale, softcap)
-        if planned is not None:
-            return (planned[0], planned[1].detach()) if return_lse else planned[0]
-    axis, hard = v.check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                                       lse_square_scale, softcap)
-    ignore_index = int(ignore_index)  # a numpy integer or a one-element tensor, as torch takes them
-    C = input.shape[axis]
-    autocast = _autocast_on(input)
-    labels, index_target = (None, target) if hard else (target, None)
-    # The per-row loss accumulates in the logits' and labels' precision (fp32, or fp64), not the weights'.
-    out_dtype = torch_result_dtype(input.dtype, labels, weight, autocast)
-    # Reductions sum the fp32 per-row losses and round once; so does a result wider than the input.
-    loss_fp32 = autocast or reduction != "none" or out_dtype != input.dtype
-    n_rows = input.numel() // C if C else 0
-    denom = mean_denominator(n_rows, index_target, ignore_index, weight) if reduction == "mean" else None
-    fused = _takes_fused_step(input, labels, n_rows, C, reduction, inplace_backward)
-    if reduction != "none" and not fused and not _inplace_mode(input, inplace_backward):
-        # The common case: the reduction inside the loss's own autograd node (ops._ReducedFunction).
-        loss, lse = ops.forward_reduced(input, labels, index_target, weight, axis, int(ignore_index),
-                                        float(label_smoothing), float(lse_square_scale), float(softcap or 0.0),
-                                        reduction, denom, out_dtype)
+    call = prepare.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                                 softcap, inplace_backward)
+    if call.direct:
+        loss, lse = CrossEntropyFunction.apply(input, target, weight, call)
     else:
-        step_scale = row_grad_scale(denom, loss_dtype_of(input, loss_fp32, labels), input.device) if fused else None
-        loss, lse = _per_row(input, labels, index_target, weight, axis, ignore_index, label_smoothing,
-                             lse_square_scale, softcap, loss_fp32, inplace_backward, step_scale)
-        loss = reduce_rows(loss, reduction, denom=denom, out_dtype=out_dtype)
+        loss, lse = ops.loss(call, input, target, weight)
     return (loss, lse.detach()) if return_lse else loss
-
-
-def _takes_fused_step(input, soft_target, n_rows, V, reduction, inplace_backward, call_state=True) -> bool:
-    """The fused step (dlogits written by the forward) pays off only when the upstream gradient is
-    known in advance (a reduced loss), and runs in eager mode only: a compiled graph gets the
-    two custom ops, which it can schedule and capture freely. ``call_state=False`` leaves out what
-    can change between calls of one signature (torch.compile, saved-tensor hooks): whether the step
-    could be taken (call_plans)."""
-    launch_config.fused_step_mode()  # a bad XENT_TRITON_FUSED_STEP raises on every call, not only here
-    if reduction == "none" or inplace_backward or not (torch.is_grad_enabled() and input.requires_grad):
-        return False
-    if soft_target is not None and soft_target.requires_grad:
-        return False
-    if call_state and (torch.compiler.is_compiling() or _saved_tensor_hooks_active()):
-        return False
-    return launch_config.use_fused_step(n_rows, V, input.element_size(), input.device, hard=soft_target is None)
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Under activation checkpointing (non-reentrant) or ``save_on_cpu``, saved tensors are freed or
-    moved, but the fused step's dlogits is held on ctx, outside those hooks: it would stay on the
-    device for the whole forward, and a checkpoint's recompute would write it again for nothing.
-    torch has no public query; without the private one, assume hooks are active."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError, RuntimeError):
-        return True
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
@@ -270,7 +195,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         if target.dtype.is_floating_point:
             raise ValueError(f"probability target shape {tuple(target.shape)} must equal the logits' shape "
                              f"{logits_shape} (input shape {tuple(input.shape)}, {C} classes)")
-        if target.dtype not in v.INDEX_DTYPES:
+        if target.dtype not in INDEX_DTYPES:
             raise TypeError(f"class-index target must be int64 or int32, got {target.dtype}")
         if tuple(target.shape) != batch:
             raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
@@ -280,7 +205,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if probabilities and target.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("linear_cross_entropy: gradients with respect to probability targets are not "
                                   "supported; pass target.detach()")
-    cd = compute_dtype(input, linear_weight, linear_bias)
+    cd = linear_compute_dtype(input, linear_weight, linear_bias)
     allowed = (None, cd) + ((torch.float32,) if cd in (torch.float16, torch.bfloat16) else ())
     if accum_dtype not in allowed:
         raise ValueError(f"accum_dtype must be None, the linear layer's dtype {cd}, or float32 for a half one; "

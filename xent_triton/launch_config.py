@@ -7,9 +7,15 @@ forward ran at 91-100% of copy bandwidth with 1024-2048 element blocks and 8-16
 warps, and at 4% with 16384/4 (register spills).
 
 A measured table overrides that heuristic: ``perf/tune_tiles.py`` times every
-(BLOCK, num_warps, stages) candidate on a GPU and writes ``tiles.json`` beside this
-file, which is then read once, at the first launch. Rows count as measured for the
-class counts (V) and, for the few-row forward, the row counts (N) that it times.
+(BLOCK, num_warps, stages) candidate on a GPU and writes a table into ``tiles.json``
+beside this file, keyed by the GPU's name and Triton's minor version: tiles that a
+compiler version and a chip were measured with say nothing about another. The file is
+read once, at the first launch; a device without a table of its own gets the heuristic.
+Rows count as measured for the class counts (V) and, for the few-row forward, the row
+counts (N) that it times.
+
+Tests and tuning tools force tiles through ``xent_triton.config.overrides`` (``split``,
+``tile``, ``rows``), read here at each choice.
 """
 import functools
 import json
@@ -19,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from . import config
+
 # Programs per SM we aim for before splitting a row across programs.
 _PROGRAMS_PER_SM = 2
 _MAX_SPLIT = 64
@@ -26,17 +34,6 @@ _MAX_SPLIT = 64
 # exercise the split-row path that real GPUs take.
 _INTERPRETER_SMS = 4
 
-FORCE_SPLIT = None  # tests only: force the forward split factor
-FORCE_TILE = None  # perf/tune_tiles.py only: (block, num_warps[, stages]) for every launch
-FORCE_STEP = None  # perf/tune_tiles.py only: (block, num_warps, programs_per_sm[, stages]) of the fused step
-FORCE_ROWS = None  # tests only: rows per program of the short-row kernels (1: never use them; "max": cap only)
-FUSED_STEP_ENV = "XENT_TRITON_FUSED_STEP"
-# Persistent programs per SM of the fused step: few, so that programs x row bytes fit in L2.
-_STEP_PROGRAMS_PER_SM = 2
-# Pipeline depth of the fused step's loads. With one block in flight per program, its 2 programs per SM
-# kept ~8 KB per SM in flight (bf16 2048/8), where HBM needs ~16 KB per SM to cover its latency
-# (Little's law, perf/NOTES.md P17): it measured 47% of copy on an H100. 3 stages: 2 blocks ahead.
-_STEP_STAGES = 3
 TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
 
 
@@ -75,17 +72,48 @@ def _sm_count(device_type: str, index) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_tiles():
-    """The tuned table, {pass: {itemsize: [[max_cols, block, num_warps(, stages)], ...]}}, or {}.
+def _tile_tables():
+    """{(gpu name, Triton major.minor): {pass: {itemsize: rows}}} from TILES_FILE, read once."""
+    if not os.path.isfile(TILES_FILE):
+        return {}
+    with open(TILES_FILE) as f:
+        tables = json.load(f)["tables"]
+    return {(t["gpu"], t["triton"]): {p: {int(k): sorted(v) for k, v in by_size.items()}
+                                      for p, by_size in t["tiles"].items()} for t in tables}
+
+
+def triton_minor() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def device_name(device: torch.device) -> str:
+    """The name a tile table is keyed by: the GPU's, or "cpu" for the interpreter (tests' tables)."""
+    return torch.cuda.get_device_name(device.index) if device.type == "cuda" else device.type
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tiles(device_type: str, index) -> dict:
+    name = device_name(torch.device(device_type, index))
+    return _tile_tables().get((name, triton_minor()), {})
+
+
+def reload_tiles():
+    """Read TILES_FILE again at the next choice (tests and tuning tools that write it). Calls prepared
+    before keep the launches they were prepared with: clear them too (prepare.clear_cache)."""
+    _tile_tables.cache_clear()
+    _device_tiles.cache_clear()
+
+
+def measured_tiles(device: torch.device) -> dict:
+    """The tuned table of ``device`` under this Triton, {pass: {itemsize: [[max_cols, block,
+    num_warps(, stages)], ...]}}, or {} where none was measured.
 
     Rows are sorted by max_cols; a problem uses the first row whose max_cols >= V. A row without
     stages (tables written before they were tuned) means 1.
     """
-    if not os.path.isfile(TILES_FILE):
-        return {}
-    with open(TILES_FILE) as f:
-        table = json.load(f)["tiles"]
-    return {p: {int(k): sorted(v) for k, v in by_size.items()} for p, by_size in table.items()}
+    return _device_tiles(device.type, device.index)
 
 
 def _fit(block: int, warps: int, n_cols: int):
@@ -95,11 +123,11 @@ def _fit(block: int, warps: int, n_cols: int):
     return min(block, p2), (warps if block <= p2 else max(1, min(warps, p2 // 128)))
 
 
-def _tile(pass_name: str, n_cols: int, itemsize: int):
+def _tile(pass_name: str, n_cols: int, itemsize: int, device, forced):
     """(BLOCK, num_warps, stages): forced, measured, or the anchors' heuristic (no pipelining)."""
-    if FORCE_TILE is not None:
-        return (*FORCE_TILE, 1)[:3]
-    for max_cols, block, warps, *stages in measured_tiles().get(pass_name, {}).get(itemsize, []):
+    if forced is not None:
+        return (*forced, 1)[:3]
+    for max_cols, block, warps, *stages in measured_tiles(device).get(pass_name, {}).get(itemsize, []):
         if n_cols <= max_cols:
             return (*_fit(block, warps, n_cols), (stages or [1])[0])
     cap = {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512)
@@ -107,8 +135,8 @@ def _tile(pass_name: str, n_cols: int, itemsize: int):
     return block, max(1, min(16, block // 128)), 1
 
 
-def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None) -> Launch:
-    block, num_warps, stages = _tile(pass_name, n_cols, itemsize)
+def _launch(pass_name, n_rows, n_cols, itemsize, device, split=None, tile=None) -> Launch:
+    block, num_warps, stages = _tile(pass_name, n_cols, itemsize, device, tile)
     if split is None:
         want = _PROGRAMS_PER_SM * _sm_count(device.type, device.index)
         split = 1
@@ -150,21 +178,22 @@ def rows_launch(n_rows, n_cols, device, hard_forward: bool = False) -> Optional[
     14-18% of copy in row tiles of any size against 46% per row at 32768 x 1024 (a tie at 131072 x 128;
     perf/NOTES.md P11, cause not found).
     """
-    if n_cols > _ROWS_MAX_V or FORCE_ROWS == 1 or (hard_forward and FORCE_ROWS is None):
+    forced = config.current().rows
+    if n_cols > _ROWS_MAX_V or forced == 1 or (hard_forward and forced is None):
         return None
     block = next_pow2(max(n_cols, 1))
     rows = min(_ROWS_MAX, max(1, (_ROWS_TILE_1024 if block >= 1024 else _ROWS_TILE) // block))
-    if FORCE_ROWS is None:
+    if forced is None:
         per_program = n_rows // (_PROGRAMS_PER_SM * _sm_count(device.type, device.index))
         rows = min(rows, 1 << (max(per_program, 1).bit_length() - 1))
-    elif FORCE_ROWS != "max":
-        rows = FORCE_ROWS
+    elif forced != "max":
+        rows = forced
     if rows < 2:
         return None
     return RowsLaunch(rows=rows, block=block, num_warps=max(1, min(16, rows * block // (32 * _ROWS_PER_THREAD))))
 
 
-def _few_rows_tile(n_rows, n_cols, itemsize):
+def _few_rows_tile(n_rows, n_cols, itemsize, device):
     """(BLOCK, num_warps, stages) of one program per row for a forward that the split rule would split,
     where perf/tune_tiles.py measured that tile no slower than the split (a "forward_few" row of
     tiles.json: [max_cols, max_rows, block, num_warps, stages], covering the class counts up to
@@ -172,16 +201,17 @@ def _few_rows_tile(n_rows, n_cols, itemsize):
 
     A split row costs a second launch (the combine, 15-50 us of host time) and a partial buffer; with
     pipelined loads one program can keep enough bytes in flight by itself (perf/NOTES.md P18)."""
-    for max_cols, max_rows, block, warps, stages in measured_tiles().get("forward_few", {}).get(itemsize, []):
+    for max_cols, max_rows, block, warps, stages in measured_tiles(device).get("forward_few", {}).get(itemsize, []):
         if n_cols <= max_cols:
             return (*_fit(block, warps, n_cols), stages) if n_rows <= max_rows else None
     return None
 
 
 def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
-    launch = _launch("forward", n_rows, n_cols, itemsize, device, split=FORCE_SPLIT)
-    if launch.split > 1 and FORCE_SPLIT is None and FORCE_TILE is None:
-        few = _few_rows_tile(n_rows, n_cols, itemsize)
+    forced = config.current()
+    launch = _launch("forward", n_rows, n_cols, itemsize, device, forced.split, forced.tile)
+    if launch.split > 1 and forced.split is None and forced.tile is None:
+        few = _few_rows_tile(n_rows, n_cols, itemsize, device)
         if few is not None:
             block, num_warps, stages = few
             return Launch(block=block, num_warps=num_warps, split=1, cols_per_prog=cdiv(n_cols, block) * block,
@@ -191,72 +221,4 @@ def forward_launch(n_rows, n_cols, itemsize, device) -> Launch:
 
 def backward_launch(n_rows, n_cols, itemsize, device) -> Launch:
     # The backward needs no reduction, so a row splits freely.
-    return _launch("backward", n_rows, n_cols, itemsize, device)
-
-
-@dataclass(frozen=True)
-class StepLaunch:
-    block: int
-    num_warps: int
-    programs: int  # persistent grid size
-    stages: int = _STEP_STAGES  # pipeline depth of both walks' loads
-
-
-def fused_step_mode() -> str:
-    """``XENT_TRITON_FUSED_STEP``: ``auto`` (default: where tiles.json measured a win), ``1`` (always), ``0``."""
-    mode = os.environ.get(FUSED_STEP_ENV, "auto").strip().lower()
-    if mode not in ("auto", "1", "0"):
-        raise ValueError(f"{FUSED_STEP_ENV} must be one of 'auto', '1', '0', got {mode!r}")
-    return mode
-
-
-def _measured_step(n_cols, itemsize, hard: bool):
-    """[block, num_warps, programs_per_sm(, stages)] of the tiles.json step row for n_cols, or None.
-
-    Rows live under "step_hard" / "step_soft". Unlike the forward/backward tiles, a step row covers
-    the class counts from the previous measured V up to its own V, never above: the fused step's
-    gain shrinks as rows outgrow L2, so a win measured at one V says nothing about a larger one.
-    programs_per_sm == 0 records that the two-kernel step won.
-    """
-    for row in measured_tiles().get("step_hard" if hard else "step_soft", {}).get(itemsize, []):
-        if n_cols <= row[0]:
-            return row[1:]
-    return None
-
-
-def step_launch(n_cols, itemsize, device, hard: bool = True) -> StepLaunch:
-    """Launch of the fused step (kernels/xent_step.py): forced, measured, or a heuristic."""
-    p2 = next_pow2(max(n_cols, 1))
-    measured = _measured_step(n_cols, itemsize, hard)
-    stages = [_STEP_STAGES]
-    if FORCE_STEP is not None:
-        block, warps, per_sm, *stages = (*FORCE_STEP, *stages)
-    elif measured is not None and measured[2] > 0:
-        # A row measured before stages were tuned ran without pipelining.
-        block, warps, per_sm, *stages = (*measured, 1)
-    else:
-        # 8 elements per thread: the bf16 2048/8-warp variant with 3 stages needs 69-99 registers (sm_90
-        # cubin, Triton 3.9-3.6; 128 with soft labels), so the programs of _STEP_PROGRAMS_PER_SM can be
-        # resident together; 16 elements per thread take 125-179.
-        block = min(p2, {1: 4096, 2: 2048, 4: 1024}.get(itemsize, 512))
-        warps, per_sm = max(1, min(16, block // 256)), _STEP_PROGRAMS_PER_SM
-    block = min(block, p2)
-    return StepLaunch(block=block, num_warps=max(1, min(warps, block // 32)),
-                      programs=per_sm * _sm_count(device.type, device.index), stages=stages[0])
-
-
-def use_fused_step(n_rows, n_cols, itemsize, device, hard: bool = True) -> bool:
-    """Whether a training step should take the fused step instead of the two kernels.
-
-    ``auto`` takes it only where perf/tune_tiles.py measured it ahead of the two kernels on this
-    kind of GPU, for this label kind (a "step_hard"/"step_soft" row of tiles.json with
-    programs_per_sm > 0), and only with enough rows to give every persistent program one: the
-    fused step cannot split a row.
-    """
-    mode = fused_step_mode()
-    if mode != "auto":
-        return mode == "1"
-    measured = _measured_step(n_cols, itemsize, hard)
-    if device.type != "cuda" or measured is None or measured[2] <= 0:
-        return False
-    return n_rows >= step_launch(n_cols, itemsize, device, hard).programs
+    return _launch("backward", n_rows, n_cols, itemsize, device, tile=config.current().tile)

@@ -9,42 +9,42 @@ and batch dimensions that no two strides can describe (only the tensor that
 needs it is copied).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-
-def acc_dtype(*dtypes) -> torch.dtype:
-    """fp32 accumulation, fp64 when any input is fp64."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+from .dtypes import acc_dtype
 
 
 def batch_shape(shape, axis: int) -> Tuple[int, ...]:
     return tuple(s for i, s in enumerate(shape) if i != axis)
 
 
-@dataclass
-class Rows:
-    """Row view of a cross-entropy problem (see module docstring)."""
+@dataclass(frozen=True)
+class Layout:
+    """How the kernels address a problem's rows (see module docstring): metadata only, so that a
+    prepared call can keep it. The tensors it describes are the views make_rows returns."""
 
-    logits: torch.Tensor  # (*batch, V), class stride 1
-    labels: Optional[torch.Tensor]  # same shape as logits (stride 0 where broadcast), or None
-    target: Optional[torch.Tensor]  # (n_rows,) class indices, or None
-    weight: Optional[torch.Tensor]  # (V,) contiguous, or None
     batch_shape: Tuple[int, ...]
     n_rows: int
     n_inner: int
-    n_cols: int
-    x_strides: Tuple[int, int]
-    y_strides: Tuple[int, int]
+    n_cols: int  # V: classes held here
+    x_strides: Tuple[int, int]  # (outer, inner) of the logits
+    y_strides: Tuple[int, int]  # of the labels, (0, 0) without them
+    t_strides: Tuple[int, int]  # of the class indices, (0, 0) without them
     acc: torch.dtype
     n_classes: int  # classes of the whole vocabulary (> n_cols for a shard)
-    class_offset: int  # first class this row view holds
+    class_offset: int  # first class this view holds
 
     def as_3d(self, t: torch.Tensor, strides) -> torch.Tensor:
         """(n_outer, n_inner, V) strided view of ``t`` (a tensor of this layout)."""
         n_outer = self.n_rows // self.n_inner if self.n_inner else 0
         return t.as_strided((n_outer, self.n_inner, self.n_cols), (strides[0], strides[1], 1), t.storage_offset())
+
+    @property
+    def contiguous_strides(self):
+        """(outer, inner) strides of a contiguous (*batch, V) buffer: the gradients'."""
+        return self.n_inner * self.n_cols, self.n_cols
 
 
 def _two_strides(shape, tensors):
@@ -77,12 +77,14 @@ def class_last(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t
 
 
-def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, n_classes: int = -1) -> Rows:
-    """Build the row view. ``axis`` must already be normalized (non-negative).
+def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, n_classes: int = -1):
+    """The row view: ``(layout, logits, labels, target, weight)``, the tensors as the kernels read
+    them (class axis last with stride 1, a 1-D target, a contiguous weight). ``axis`` must already
+    be normalized (non-negative).
 
-    ``class_offset``/``n_classes`` describe a vocabulary shard: these logits hold
-    classes [class_offset, class_offset + V) of n_classes (-1: just V).
-    ``weight``, when given, has the shard's V entries.
+    ``class_offset``/``n_classes`` describe a vocabulary shard: these logits hold classes
+    [class_offset, class_offset + V) of n_classes (-1: just V). ``weight``, when given, has the
+    shard's V entries.
     """
     V = logits.shape[axis]
     x = class_last(logits, axis)
@@ -106,16 +108,20 @@ def make_rows(logits, labels, target, weight, axis: int, class_offset: int = 0, 
         x = tried[0]
         y = tried[1] if y is not None else None
     n_inner, strides = plan
-    if target is not None and target.dim() != 1:
-        target = target.reshape(n_rows)
+    t_strides = (0, 0)
+    if target is not None:
+        if target.dim() != 1:
+            target = target.reshape(n_rows)
+        st = target.stride(0) if n_rows else 1
+        t_strides = (st * n_inner, st)
     if weight is not None:
         weight = weight.contiguous()
-    return Rows(
-        logits=x, labels=y, target=target, weight=weight, batch_shape=bshape, n_rows=n_rows,
-        n_inner=n_inner, n_cols=V, x_strides=strides[0], y_strides=strides[1] if y is not None else (0, 0),
+    layout = Layout(
+        batch_shape=bshape, n_rows=n_rows, n_inner=n_inner, n_cols=V, x_strides=tuple(strides[0]),
+        y_strides=tuple(strides[1]) if y is not None else (0, 0), t_strides=t_strides,
         acc=acc_dtype(logits.dtype, labels.dtype if labels is not None else logits.dtype),
-        n_classes=V if n_classes < 0 else n_classes, class_offset=class_offset,
-    )
+        n_classes=V if n_classes < 0 else n_classes, class_offset=class_offset)
+    return layout, x, y, target, weight
 
 
 def stats_shape(n_rows: int) -> Tuple[int, int]:
@@ -133,9 +139,9 @@ def grad_buffer_shape(logits_shape, axis: int):
     return batch_shape(logits_shape, axis) + (logits_shape[axis],)
 
 
-def check_inplace(rows: Rows, logits: torch.Tensor, axis: int):
+def check_inplace(view: torch.Tensor, logits: torch.Tensor, axis: int):
     """The in-place mode writes dlogits through the row view: it must be the logits, not a copy."""
-    if rows.logits.data_ptr() != logits.data_ptr():
+    if view.data_ptr() != logits.data_ptr():
         raise ValueError(
             f"inplace_backward needs logits whose class axis has stride 1 and whose batch dims two strides "
             f"describe; got shape {tuple(logits.shape)} with strides {logits.stride()} and axis {axis}")

@@ -16,10 +16,10 @@ O(rows) statistics and the backward recomputes each chunk's logits.
 import torch
 import torch.nn.functional as F
 
-from .layout import acc_dtype, stats_shape
 from . import ops
-from .ops import torch_result_dtype
-from .reduction import divide, mean_denominator, row_grad_scale
+from .dtypes import acc_dtype, linear_compute_dtype, torch_result_dtype
+from .function import divide, mean_denominator
+from .layout import stats_shape
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -44,18 +44,11 @@ def default_chunk_rows(n_rows: int, n_classes: int, in_features: int) -> int:
     return min(n_rows, max(MIN_CHUNK_ROWS, 1 << (per - 1).bit_length()))
 
 
-def compute_dtype(input, linear_weight, linear_bias):
-    """The dtype F.linear would give: autocast's when it is on (fp64 is never cast), else the inputs'."""
-    dev = input.device.type
-    tensors = [t for t in (input, linear_weight, linear_bias) if t is not None]
-    if torch.is_autocast_enabled(dev) and all(t.dtype != torch.float64 for t in tensors):
-        return torch.get_autocast_dtype(dev)
-    if any(t.dtype != input.dtype for t in tensors):
-        desc = ", ".join(f"{n} {t.dtype}" for n, t in
-                         (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias))
-                         if t is not None)
-        raise TypeError(f"input, linear_weight and linear_bias must have one dtype (as for F.linear), got {desc}")
-    return input.dtype
+def row_grad_scale(denom, dtype, device):
+    """The gradient each row gets when the reduced loss is backpropagated with gradient 1: 1 for
+    ``sum`` (``denom`` None), 1/denominator for ``mean``, by the same division as the loss's."""
+    one = torch.ones((), dtype=dtype, device=device)
+    return one if denom is None else divide(one, denom)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -73,12 +66,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input, linear_weight, linear_bias, target, weight, params):
         ignore_index, reduction, smoothing, z_scale, softcap, chunk, accum_dtype, grad_enabled = params
         autocast = torch.is_autocast_enabled(input.device.type)
-        cd = compute_dtype(input, linear_weight, linear_bias)
+        cd = linear_compute_dtype(input, linear_weight, linear_bias)
         need = tuple(grad_enabled and req for req in ctx.needs_input_grad[:3])
         hard = not target.dtype.is_floating_point
         n = input.shape[0]
         loss_dtype = acc_dtype(cd, cd if hard else target.dtype)
-        out_dtype = torch_result_dtype(cd, None if hard else target, weight, autocast)
+        out_dtype = torch_result_dtype(cd, None if hard else target.dtype, None if weight is None else weight.dtype,
+                                       autocast)
         with torch.autocast(input.device.type, enabled=False):
             x, w, b = (t.to(cd) if t is not None else None for t in (input, linear_weight, linear_bias))
             chunk_loss = _ChunkLoss(target, weight, ignore_index, smoothing, z_scale, softcap, hard)
@@ -157,7 +151,7 @@ class _ChunkLoss:
     def backward_into(self, logits, r, g, stats):
         """dlogits for upstream gradients ``g``, written over ``logits``; ``stats``: the chunk's statistics."""
         labels, t = self._rows(r)
-        ops.backward_inplace(g, logits, labels, t, self.weight, stats, 1, *self.opts, False)
+        ops.backward_inplace(g, logits, labels, t, self.weight, stats, 1, *self.opts)
 
 
 class _GradSums:

@@ -6,13 +6,44 @@ precision inputs are accumulated in fp32, fp64 in fp64. Out-of-range class
 indices raise IndexError here (the kernels give that row NaN instead, to keep
 host syncs off the GPU path).
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from ._alloc import new_output
-from .layout import Rows, stats_shape
+from .layout import Layout, stats_shape
 from .validation import IGNORE_NOTHING
 
 CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a pass needs besides its tensors (the Triton backend's plan has launches too)."""
+    layout: Layout
+    options: tuple  # (ignore_index, label_smoothing, lse_square_scale, softcap)
+    loss_dtype: Optional[torch.dtype]  # the forward's
+    gradients: tuple = ()  # the backward's (need_dx, inplace, dlabels dtype or None)
+
+
+def plan_forward(layout, options, dtypes, loss_dtype, hard, weighted, device) -> Plan:
+    return Plan(layout, options, loss_dtype)
+
+
+def plan_backward(layout, options, dtypes, hard, weighted, need_dx, need_dy, dy_dtype, divide, inplace,
+                  device) -> Plan:
+    return Plan(layout, options, None, (need_dx, inplace, dy_dtype))
+
+
+class Rows:
+    """A layout with the row views it describes: the fallback reads them together."""
+
+    def __init__(self, layout: Layout, x, y, t, w):
+        self.layout, self.logits, self.labels, self.target, self.weight = layout, x, y, t, w
+
+    def __getattr__(self, name):
+        return getattr(self.layout, name)
 
 
 def _chunks(rows: Rows):
@@ -45,10 +76,6 @@ def _write_rows(t3, rows: Rows, r0, r1, values):
     """Write values (r1 - r0, V) into rows [r0, r1) of a (outer, inner, V) view."""
     block = _row_block(t3, rows, r0, r1)
     block.copy_(values.reshape(block.shape))
-
-
-def _read_rows(t3, rows: Rows, r0, r1):
-    return _row_block(t3, rows, r0, r1).reshape(r1 - r0, rows.n_cols)
 
 
 def _capped(x_raw, softcap):
@@ -149,9 +176,22 @@ def _dlogits(x_rel, th, target: _Target, log_s, coef, g, softcap):
     return dx
 
 
-def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
-            loss_dtype: torch.dtype):
-    """Per-row loss and lse, and the (rows, 3) statistics (layout.stats_shape)."""
+def forward(plan: Plan, x, y, t, w):
+    """Per-row loss and lse, and the (rows, 3) statistics (layout.stats_shape); see
+    triton_backend.forward."""
+    with _no_autocast(x.device.type):
+        return forward_rows(Rows(plan.layout, x, y, t, w), *plan.options, plan.loss_dtype)
+
+
+def _no_autocast(device_type):
+    # The fallback chooses its own precision: autocast would round its reductions (``linalg.vecdot`` is on
+    # CPU autocast's bf16 list).
+    return torch.autocast(device_type, enabled=False)
+
+
+def forward_rows(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
+                 loss_dtype: torch.dtype):
+    """``forward`` of a Rows (also what double backward differentiates: function.second_order)."""
     dev = rows.logits.device
     loss_out = new_output((rows.n_rows,), loss_dtype, dev)
     lse_out = new_output((rows.n_rows,), rows.acc, dev)
@@ -178,28 +218,24 @@ def forward(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, sof
     return loss_out, lse_out, stats_out
 
 
-def step(rows: Rows, ignore_index: int, smoothing: float, z_scale: float, softcap: float,
-         loss_dtype: torch.dtype, scale: torch.Tensor, dx_buf: torch.Tensor):
-    """See triton_backend.step. Here it is the forward then the backward for an upstream ``scale``:
-    the fallback has no second read to save, only the semantics to match."""
-    out = forward(rows, ignore_index, smoothing, z_scale, softcap, loss_dtype)
-    backward(rows, scale.reshape(()).expand(rows.n_rows), out[2], ignore_index, smoothing, z_scale, softcap,
-             dx_buf, None)
-    return out + (torch.ones(1, dtype=torch.int32, device=rows.logits.device),)
+def backward(plan: Plan, x, y, t, w, grad, stats, denom=None):
+    """See triton_backend.backward."""
+    need_dx, inplace, dy_dtype = plan.gradients
+    shape = (*plan.layout.batch_shape, plan.layout.n_cols)
+    dx = (x if inplace else new_output(shape, x.dtype, x.device)) if need_dx else None
+    dy = new_output(shape, dy_dtype, x.device) if dy_dtype is not None else None
+    with _no_autocast(x.device.type):
+        _backward(Rows(plan.layout, x, y, t, w), grad, stats, *plan.options, dx, dy, denom)
+    return dx, dy
 
 
-def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing: float, z_scale: float,
-             softcap: float, dx_buf, dy_buf, skip_scale=None, written=None, denom=None):
-    """See triton_backend.backward; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
+def _backward(rows: Rows, grad, stats, ignore_index, smoothing, z_scale, softcap, dx_buf, dy_buf, denom):
+    """``backward`` into the given buffers; ``dx_buf`` may be ``rows.logits`` (the in-place mode)."""
     g_all = (grad.expand(rows.n_rows) if grad.dim() == 0 else grad.reshape(rows.n_rows)).to(rows.acc)
     if denom is not None:
         # As autograd's division of the composition would: the denominator in the gradient's dtype.
         g_all = g_all / denom.to(rows.acc)
-    redo = None
-    if skip_scale is not None:
-        # Rows whose gradient is the one a fused step assumed already hold their dlogits.
-        redo = (g_all != skip_scale.reshape(()).to(rows.acc)) | (written.reshape(()) == 0)
-    contiguous = (rows.n_inner * rows.n_cols, rows.n_cols)
+    contiguous = rows.contiguous_strides
     dx3 = None
     if dx_buf is not None:
         dx3 = rows.as_3d(dx_buf, rows.x_strides if dx_buf is rows.logits else contiguous)
@@ -223,7 +259,4 @@ def backward(rows: Rows, grad: torch.Tensor, stats, ignore_index: int, smoothing
                 g = torch.where(target.active, g, 0.0)
             coef = _grad_coef(m, log_s, qsum_all[r0:r1], z_scale, target.active)
             dx = _dlogits(x_rel, th, target, log_s, coef, g, softcap)
-            if redo is not None:
-                # Selected, not branched on: deciding per chunk would be a host sync on CUDA.
-                dx = torch.where(redo[r0:r1, None], dx, _read_rows(dx3, rows, r0, r1))
             _write_rows(dx3, rows, r0, r1, dx)

@@ -15,7 +15,7 @@ from torch.overrides import handle_torch_function, has_torch_function, has_torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from . import backend, functional, ops
+from . import config, functional, prepare
 from . import validation as v
 
 _MARK = "__xent_triton_replaces__"
@@ -24,7 +24,7 @@ _TRACED = (FakeTensor, FunctionalTensor)
 
 
 def _user_subclass(tensors) -> bool:
-    return any(t is not None and type(t) not in ops._PLAIN and not isinstance(t, _TRACED) for t in tensors)
+    return any(t is not None and type(t) not in prepare.PLAIN_TENSORS and not isinstance(t, _TRACED) for t in tensors)
 
 
 def _ours(tensors, weight) -> bool:
@@ -36,7 +36,7 @@ def _ours(tensors, weight) -> bool:
         return False
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         return False
-    if ops._functorch_level is None or ops._functorch_level() is not None:
+    if prepare.in_functorch():
         return False
     if not torch.compiler.is_compiling():
         if torch.autograd.forward_ad._current_level >= 0 and any(
@@ -48,7 +48,7 @@ def _ours(tensors, weight) -> bool:
 def _runs_kernels(device: torch.device) -> bool:
     # Traced by torch.compile, the route is fixed when the graph is made (its custom op still reads the
     # backend variable at each call); Dynamo runs this instead of tracing the backend's cached lookups.
-    return device.type in ("cuda", "cpu") and backend.choose(device) == "triton"
+    return device.type in ("cuda", "cpu") and config.choose_backend(device.type, config.active) == "triton"
 
 
 # What torch.compiler.assume_constant_result(_runs_kernels) would do, without its import of torch._dynamo,

@@ -3,8 +3,7 @@ import operator
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INDEX_DTYPES = (torch.int64, torch.int32)
+from .dtypes import FLOAT_DTYPES, INDEX_DTYPES
 REDUCTIONS = ("none", "mean", "sum")
 # The ignore_index of TF's sparse loss, which ignores nothing: with it, a class index of this value is out of
 # range (an error on the fallback, NaN in the kernels) like every other negative one, not ignored. (So an

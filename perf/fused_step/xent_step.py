@@ -1,4 +1,5 @@
-"""The fused training step: the forward that also writes dlogits.
+"""The fused training step: the forward that also writes dlogits (an experiment, perf/fused_step/README.md;
+it left xent_triton's kernels/ in issue 22, and perf/fused_step/launch.py launches it).
 
 A training step with the two-kernel design moves the row three times: the
 forward reads it, the backward reads it again and writes dlogits (3NVb for
@@ -14,21 +15,20 @@ to be re-read. With every re-read served by L2, device memory sees the
 single-touch floor: NVb read + NVb written (2NVb for soft labels read).
 
 The upstream gradient is not known yet, so dlogits is written for an assumed
-scalar S (1 for reduction="sum", 1/denominator for "mean"). The backward
-kernel (SKIP_SCALED) leaves the rows whose gradient turned out to be S and
-recomputes the others, so a different scale (a GradScaler, a loss divided for
-gradient accumulation) is still exact. Such a backward also clears POLICY, a
-flag kept on the device: from then on the forward skips the second walk
-(WROTE, a per-call copy of the flag, tells its backward to recompute every
-row), so a loop whose loss is always scaled stops paying for a wasted write,
-and no host ever reads the flag.
+scalar S (1 for reduction="sum", 1/denominator for "mean"). In the package
+(until issue 22) the backward kernel then skipped the rows whose gradient
+turned out to be S and recomputed the others, and a device flag (POLICY,
+copied per call into WROTE) turned the second walk off once a loss came back
+scaled. That machinery left with the kernel: perf/fused_step/launch.py passes
+WROTE = 1 and returns dlogits for S, which is what a training step with an
+unscaled loss gets; the kernel is unchanged, so it times as it did in P9/P17.
 """
 import triton
 import triton.language as tl
 
-from .row_math import (aligned_run, block_ranges, f64_param, finalize_row, grad_block, grad_coef, row_target,
-                       same_run, store_row)
-from .xent_forward import _row_partial
+from xent_triton.kernels.row_math import (aligned_run, block_ranges, f64_param, finalize_row, grad_block, grad_coef,
+                                          row_target, same_run, store_row)
+from xent_triton.kernels.xent_forward import _row_partial
 
 
 @triton.jit

@@ -1,0 +1,1 @@
+"""The fused training step, an experiment outside the package (README.md here)."""
