@@ -99,7 +99,7 @@ def _row_partial(X_row, Y_row, W, col_begin, col_end, n_classes, t, tw, active, 
 
     STAGES > 1 software-pipelines the whole blocks' loads (asynchronous copies into shared memory,
     STAGES - 1 blocks ahead): a program then has that many blocks in flight instead of one, which
-    is what a grid of few programs per SM (the fused step's) needs to cover the memory latency.
+    is what a grid of few programs per SM (the fused step's, perf/fused_step) needs to cover the memory latency.
     """
     # Class indices without smoothing: q is nonzero in the target column only, so the loop keeps no
     # label state at all (fewer registers and instructions); the target logit is read once after it.

@@ -316,8 +316,8 @@ SCRIPT = textwrap.dedent(r'''
     call = lambda k: (lambda: k[(2, 3)](buf, buf[32:], 17, 2.0, BLOCK=32))
 
     class DropsGrid(launcher.Launcher):  # a fast path that loses the grid's second dimension
-        def _launch(self, grid, args, kwargs):
-            return super()._launch(grid[:1] if self._checking else grid, args, kwargs)
+        def _launch(self, grid, *args, **kwargs):
+            return super()._launch(grid[:1] if self._checking else grid, *args, **kwargs)
 
     fails_check(lambda: DropsGrid(scale_kernel), call, "grid")
 

@@ -19,6 +19,12 @@ def row_loss_dtype(logits: torch.dtype, labels: Optional[torch.dtype], wide: boo
     return acc_dtype(logits, labels or logits) if wide else logits
 
 
+def wide_row_loss(input: torch.dtype, out_dtype: torch.dtype, reduction: str, autocast: bool) -> bool:
+    """Whether ``cross_entropy``'s per-row loss is kept in the accumulation dtype: reductions sum it there
+    and round once; so does a result wider than the input, and autocast's float32."""
+    return autocast or reduction != "none" or out_dtype != input
+
+
 def torch_result_dtype(logits: torch.dtype, labels: Optional[torch.dtype], weight: Optional[torch.dtype],
                        autocast: bool) -> torch.dtype:
     """The dtype torch's ``cross_entropy`` returns: the logits' (float32 under autocast, which leaves

@@ -40,7 +40,7 @@ def divide(total, denom, out_dtype=None):
     if torch.is_grad_enabled():
         return (total / denom).to(out_dtype)
     # Outside autograd (CrossEntropyFunction.forward) the rounding is the division's own store: one kernel.
-    return torch.div(total, denom, out=total.new_empty((), dtype=out_dtype))
+    return torch.div(total, denom, out=torch.empty((), dtype=out_dtype, device=total.device))
 
 
 def reduce(loss, reduction, denom, out_dtype):
@@ -115,6 +115,24 @@ def second_order(first, grad_rows, logits, labels, target, weight, axis, options
                  for value in first)
 
 
+def run_forward(call, logits, target, weight):
+    """The forward of a prepared ``call`` (prepare.Call), outside autograd: (loss reduced as
+    ``call.reduction`` says, per-row lse, row statistics, the ``mean``'s denominator or None). A call
+    that needs no gradient runs this alone; CrossEntropyFunction's forward runs it for the others."""
+    labels, index = (None, target) if call.hard else (target, None)
+    if call.as_is:
+        x, y, t, w = logits, labels, index, weight
+    else:
+        x, y, t, w = call.views(logits, labels, index, weight)
+    loss, lse, stats = call.backend.forward(call.forward_plan, x, y, t, w)
+    if call.batch_view is not None:
+        loss, lse = loss.view(call.batch_view), lse.view(call.batch_view)
+    denom = None
+    if call.reduction == "mean":
+        denom = mean_denominator(call.layout.n_rows, t, call.options[0], w)
+    return reduce(loss, call.reduction, denom, call.out_dtype), lse, stats, denom
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """``loss, lse = CrossEntropyFunction.apply(logits, target, weight, call)``: the loss of a prepared
     ``call`` (prepare.Call), reduced as ``call.reduction`` says, and the per-row lse (not
@@ -130,18 +148,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, call):
-        labels, index = (None, target) if call.hard else (target, None)
-        if call.as_is:
-            x, y, t, w = logits, labels, index, weight
-        else:
-            x, y, t, w = call.views(logits, labels, index, weight)
-        loss, lse, stats = call.backend.forward(call.forward_plan, x, y, t, w)
-        if call.batch_view is not None:
-            loss, lse = loss.view(call.batch_view), lse.view(call.batch_view)
-        denom = None
-        if call.reduction == "mean":
-            denom = mean_denominator(call.layout.n_rows, t, call.options[0], w)
-        out = reduce(loss, call.reduction, denom, call.out_dtype)
+        out, lse, stats, denom = run_forward(call, logits, target, weight)
         ctx.call = call
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)

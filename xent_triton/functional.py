@@ -4,13 +4,14 @@ where the dispatcher must see the call."""
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.nn import _reduction
 
 from . import ops, prepare
 from . import validation as v
 from .dtypes import INDEX_DTYPES, linear_compute_dtype
-from .function import CrossEntropyFunction
+from .function import CrossEntropyFunction, run_forward
 from .linear import LinearCrossEntropyFunction, default_chunk_rows
 
 
@@ -39,9 +40,17 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backwa
     returns ``softmax - labels``, which differs when the labels do not sum to 1.
     """
     call = prepare.softmax_cross_entropy_with_logits(labels, logits, axis, inplace_backward)
-    if call.direct:
-        return CrossEntropyFunction.apply(logits, labels, None, call)[0]
-    return ops.loss(call, logits, labels, None)[0]
+    return _run(call, logits, labels, None)[0]
+
+
+def _run(call, input, target, weight):
+    """(loss, lse) of a prepared call: eager calls through the one autograd Function, or without autograd
+    where no gradient is asked for; the dispatcher's calls through the custom ops."""
+    if not call.direct:
+        return ops.loss(call, input, target, weight)
+    if call.backward_plan is None and forward_ad._current_level < 0:
+        return run_forward(call, input, target, weight)[:2]  # (dual tensors get the Function's error)
+    return CrossEntropyFunction.apply(input, target, weight, call)
 
 
 class SoftmaxCrossEntropyFunction(CrossEntropyFunction):
@@ -70,9 +79,7 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward
         torch fallback (as TF on CPU).
     """
     call = prepare.sparse_softmax_cross_entropy_with_logits(labels, logits, inplace_backward)
-    if call.direct:
-        return CrossEntropyFunction.apply(logits, labels, None, call)[0]
-    return ops.loss(call, logits, labels, None)[0]
+    return _run(call, logits, labels, None)[0]
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -103,10 +110,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         reduction = _reduction.legacy_get_string(size_average, reduce)  # torch's rule, and its warning
     call = prepare.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
                                  softcap, inplace_backward)
-    if call.direct:
-        loss, lse = CrossEntropyFunction.apply(input, target, weight, call)
-    else:
-        loss, lse = ops.loss(call, input, target, weight)
+    loss, lse = _run(call, input, target, weight)
     return (loss, lse.detach()) if return_lse else loss
 
 

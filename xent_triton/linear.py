@@ -134,7 +134,7 @@ def _chunks(n, chunk):
 
 
 class _ChunkLoss:
-    """The loss kernels on one chunk's (rows, classes) logits, through ``ops`` (see ops._direct)."""
+    """The loss kernels on one chunk's (rows, classes) logits, through ``ops`` (see prepare.direct)."""
 
     def __init__(self, target, weight, ignore_index, smoothing, z_scale, softcap, hard):
         self.target, self.weight, self.hard = target, weight, hard

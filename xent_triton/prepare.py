@@ -141,9 +141,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     autocast = torch.is_autocast_enabled(input.device.type)
     out_dtype = dtypes.torch_result_dtype(input.dtype, None if labels is None else labels.dtype,
                                           None if weight is None else weight.dtype, autocast)
-    # Reductions sum the per-row losses in the accumulation dtype and round once; so does a result wider
-    # than the input.
-    loss_fp32 = autocast or reduction != "none" or out_dtype != input.dtype
+    loss_fp32 = dtypes.wide_row_loss(input.dtype, out_dtype, reduction, autocast)
     options = (int(ignore_index), float(label_smoothing), float(lse_square_scale), float(softcap or 0.0))
     call = Call(input, labels, index, weight, axis, options, reduction, out_dtype, loss_fp32,
                 inplace and input.requires_grad and torch.is_grad_enabled(), is_direct)

@@ -133,7 +133,7 @@ class _Target:
             q = self.q
             nz = q != 0
             # Only a zero label on a -inf logit is left out (0 * -inf): elsewhere a zero label keeps its
-            # derivative, x_rel, for a backward that differentiates this (ops._second_order).
+            # derivative, x_rel, for a backward that differentiates this (function.second_order).
             kept = nz | (x_rel != float("-inf"))
             return torch.linalg.vecdot(q, torch.where(kept, x_rel, 0.0)), q.sum(1), nz.sum(1)
         x_t = x_rel.gather(1, self.t[:, None])[:, 0]
