@@ -190,3 +190,20 @@ def test_inplace_step_peak_memory_is_o_of_rows():
     logits_bytes = N * V * 2
     assert peaks[False] <= logits_bytes * 1.05 + (1 << 20)
     assert peaks[True] < logits_bytes / 8, peaks  # O(rows) + the matmul's input gradient
+
+
+def test_inplace_dlabels_of_a_class_axis_not_last(backend, device):
+    """Soft labels that require grad, with the class axis first: dlabels comes back in the labels' layout,
+    as without the in-place mode."""
+    base = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    y0 = rand_probs((5, 4), torch.float64, device, axis=0)
+    results = []
+    for inplace in (False, True):
+        y = y0.clone().requires_grad_()
+        logits = (base * 1.0).t()  # (4, 5), the classes on axis 0 of a transposed view
+        loss = xent_triton.softmax_cross_entropy_with_logits(y.t(), logits, axis=0, inplace_backward=inplace)
+        dbase, dy = torch.autograd.grad((loss * torch.arange(1.0, 6.0, dtype=torch.float64, device=device)).sum(),
+                                        (base, y))
+        results.append((dbase, dy))
+    close(results[1][0], results[0][0], **F64)
+    close(results[1][1], results[0][1], **F64)

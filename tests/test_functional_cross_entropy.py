@@ -224,6 +224,16 @@ def test_out_of_range_index(backend, device):
     assert torch.isnan(xent_triton.cross_entropy(x, t, weight=w, reduction="none")[1])
 
 
+def test_sparse_tf_variant_under_autocast(backend, device):
+    """TF's rule under mixed precision, as softmax_cross_entropy_with_logits: a float32 loss for half logits."""
+    x = rand_logits((4, C), torch.bfloat16, device, requires_grad=False)
+    labels = torch.randint(0, C, (4,), device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = xent_triton.sparse_softmax_cross_entropy_with_logits(labels, x)
+    assert out.dtype == torch.float32
+    close(out, F.cross_entropy(x.double(), labels, reduction="none"), rtol=1e-6, atol=1e-6)
+
+
 def test_sparse_tf_variant(backend, device):
     x = rand_logits((3, 4, C), torch.float64, device)
     labels = torch.randint(0, C, (3, 4), device=device, dtype=torch.int32)

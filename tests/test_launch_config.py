@@ -11,18 +11,19 @@ CPU = torch.device("cpu")
 
 
 class TilesFile:
-    """tiles.json in a test's folder; ``write(tiles)`` stores one table for this machine's device and
-    Triton (and may add tables for others)."""
+    """tiles.json in a test's folder; ``write(tiles)`` stores the table for the CPU (and this machine's GPU)
+    under this Triton (and may add tables for others)."""
 
     def __init__(self, path):
         self.path = path
 
     def write(self, tiles, gpu=None, triton=None, others=()):
-        tables = [{"gpu": gpu or lc.device_name(_device()), "triton": triton or lc.triton_minor(), "tiles": tiles},
-                  *others]
+        # The tests' launches are chosen for CPU tensors, and for the GPU's where there is one.
+        names = [gpu] if gpu else sorted({lc.device_name(CPU), lc.device_name(_device())})
+        tables = [{"gpu": name, "triton": triton or lc.triton_minor(), "tiles": tiles} for name in names]
+        tables += others
         self.path.write_text(json.dumps({"tables": tables}))
         lc.reload_tiles()
-        prepare.clear_cache()
 
 
 def _device():
@@ -79,6 +80,22 @@ def test_table_keyed_by_device_and_triton(tiles_file):
     assert lc.forward_launch(4096, 32000, 2, CPU) == heuristic
     tiles_file.write(table)
     assert lc.forward_launch(4096, 32000, 2, CPU).block == 512
+
+
+def test_new_table_reaches_prepared_calls(tiles_file, monkeypatch):
+    """reload_tiles renews the configuration, so a call prepared with the old tiles is prepared again."""
+    set_config(monkeypatch, backend="triton", interpreter=True)
+    x = torch.randn(2, 3000, requires_grad=True)
+    t = torch.randint(0, 3000, (2,))
+
+    def block():
+        return prepare.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, None, False).forward_plan.flags["BLOCK"]
+
+    cpu = lc.device_name(CPU)  # CPU tensors (planned only: nothing launches)
+    tiles_file.write({"forward": {"4": [[300000, 512, 2]]}, "forward_few": {"4": [[300000, 8, 512, 2, 1]]}}, gpu=cpu)
+    assert block() == block() == 512
+    tiles_file.write({"forward": {"4": [[300000, 256, 2]]}, "forward_few": {"4": [[300000, 8, 256, 2, 1]]}}, gpu=cpu)
+    assert block() == 256
 
 
 def test_shipped_table_is_keyed():

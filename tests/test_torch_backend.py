@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 CHILD = textwrap.dedent("""
-    import os, torch, xent_triton
-    os.environ["XENT_TRITON_BACKEND"] = "torch"
+    import torch, xent_triton
+    xent_triton.set_backend("torch")
     torch.set_num_threads(1)
 
     def rss(field):

@@ -78,6 +78,12 @@ def set_backend(name: str) -> None:
     _replace(backend=name)
 
 
+def renew() -> None:
+    """Replace the value with an equal new one: calls prepared under the old value are not used again
+    (launch_config.reload_tiles calls it after the tiles file changed)."""
+    _replace()
+
+
 def get_backend() -> str:
     """The backend setting: ``"auto"``, ``"triton"`` or ``"torch"``."""
     return active.backend

@@ -203,7 +203,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         dx, dy = call.backend.backward(call.backward_plan, x, y, t, w, grad, stats, denom)
         if call.inplace:
             torch.autograd.graph.increment_version(logits)  # as an in-place op's write does
-            dx = logits
+            dx = logits  # written through its own strides: no axis to move back
+            if dy is not None:
+                dy = to_inputs(None, dy, logits, labels, call.axis)[1]
         elif call.axis != logits.dim() - 1 or (dy is not None and labels.shape != logits.shape):
             dx, dy = to_inputs(dx, dy, logits, labels, call.axis)
         return (dx if need_dx else None), (dy if need_dy else None), None, None

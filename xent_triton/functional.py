@@ -151,8 +151,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         The loss: a scalar, or for ``reduction='none'`` one per row of shape ``input.shape[:-1]``;
         in the linear layer's dtype promoted with the probabilities' (float32 under autocast), as torch.
 
-    Under ``torch.compile`` the loss is traced unchunked, as ``cross_entropy(F.linear(...))``, so
-    it compiles without a graph break. Gradients flow to ``input``, ``linear_weight`` and
+    Under ``torch.compile`` (and with fake tensors, tensor subclasses or torch.func) the loss is
+    computed unchunked, as ``cross_entropy(F.linear(...))`` through the custom ops, so it compiles
+    without a graph break. Gradients flow to ``input``, ``linear_weight`` and
     ``linear_bias``; double backward, and ``retain_graph=True`` with ``mean``/``sum``, raise.
     """
     v.check_float("input", input)
@@ -223,7 +224,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     n = math.prod(batch)
     x = input.reshape(n, in_features)
     t = target.reshape(n, C) if probabilities else target.reshape(n)
-    if torch.compiler.is_compiling():
+    if not prepare.direct(x, linear_weight, linear_bias, t, weight):
+        # torch.compile, fake tensors, subclasses: the unchunked composition, through the custom ops.
         loss = cross_entropy(F.linear(x, linear_weight, linear_bias), t, weight, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing,
                              lse_square_scale=lse_square_scale, softcap=softcap)

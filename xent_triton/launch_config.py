@@ -100,10 +100,11 @@ def _device_tiles(device_type: str, index) -> dict:
 
 
 def reload_tiles():
-    """Read TILES_FILE again at the next choice (tests and tuning tools that write it). Calls prepared
-    before keep the launches they were prepared with: clear them too (prepare.clear_cache)."""
+    """Read TILES_FILE again at the next choice (tests and tuning tools that write it). The configuration
+    is renewed with it, so no call prepared with the old tiles is used again."""
     _tile_tables.cache_clear()
     _device_tiles.cache_clear()
+    config.renew()
 
 
 def measured_tiles(device: torch.device) -> dict:

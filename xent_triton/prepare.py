@@ -112,7 +112,9 @@ def _keep(key, call: Call) -> Call:
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                   inplace) -> Call:
     """The Call of ``functional.cross_entropy``."""
-    is_direct = direct(input, target, weight)
+    # Triton launches on the current CUDA device: tensors on another one take the custom op, which switches.
+    is_direct = direct(input, target, weight) and input is not None and (
+        input.device.type != "cuda" or input.device.index == torch.cuda.current_device())
     key = None
     # Options a key holds by value: plain ints and floats (not a NaN), strings and None. Tensors and numpy
     # scalars are taken too, but such a call is prepared anew each time.
@@ -120,9 +122,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
             and type(lse_square_scale) in _SCALARS and lse_square_scale == lse_square_scale
             and (softcap is None or type(softcap) in _SCALARS)):
         dev = input.device
-        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-            is_direct = False  # Triton launches on the current device; the custom op switches to the tensors'
-        elif dev.type in _DEVICES:
+        if dev.type in _DEVICES:
             try:
                 key = ("cross_entropy", input.shape, input.stride(), input.dtype, dev, input.requires_grad,
                        target.shape, target.stride(), target.dtype, target.device, target.requires_grad,
@@ -150,13 +150,12 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
 
 def softmax_cross_entropy_with_logits(labels, logits, axis, inplace) -> Call:
     """The Call of ``functional.softmax_cross_entropy_with_logits``."""
-    is_direct = direct(labels, logits)
+    is_direct = direct(labels, logits) and logits is not None and (
+        logits.device.type != "cuda" or logits.device.index == torch.cuda.current_device())
     key = None
     if is_direct and type(axis) is int:
         dev = logits.device
-        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-            is_direct = False
-        elif dev.type in _DEVICES:
+        if dev.type in _DEVICES:
             try:
                 key = ("softmax_cross_entropy_with_logits", logits.shape, logits.stride(), logits.dtype, dev,
                        logits.requires_grad, labels.shape, labels.stride(), labels.dtype, labels.device,
@@ -183,16 +182,14 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, inplace) -> Call:
     v.check_same_device(labels=labels, logits=logits)
     v.check_classes(logits, axis)
     autocast = torch.is_autocast_enabled(logits.device.type)
-    return Call(logits, None, labels, None, axis, (v.IGNORE_NOTHING, 0.0, 0.0, 0.0), "none", logits.dtype,
-                autocast, _inplace(logits, inplace), direct(labels, logits) and _current_device(logits))
+    is_direct = direct(labels, logits) and (
+        logits.device.type != "cuda" or logits.device.index == torch.cuda.current_device())
+    return Call(logits, None, labels, None, axis, (v.IGNORE_NOTHING, 0.0, 0.0, 0.0), "none",
+                dtypes.tf_result_dtype(logits.dtype, autocast), autocast, _inplace(logits, inplace), is_direct)
 
 
 def _inplace(logits, inplace) -> bool:
     return inplace and logits.requires_grad and torch.is_grad_enabled()
-
-
-def _current_device(t) -> bool:
-    return t.device.type != "cuda" or t.device.index == torch.cuda.current_device()
 
 
 def clear_cache():

@@ -118,6 +118,7 @@ def plan_backward(layout: Layout, options, dtypes, hard: bool, weighted: bool, n
     contiguous = layout.contiguous_strides
     dx_strides = layout.x_strides if inplace else contiguous
     y_size = dtypes[1].itemsize if dtypes[1] is not None else 0
+    dy_size = dy_dtype.itemsize if dy_dtype is not None else 0
     y_aligned = y_size > 0 and _same_alignment(layout, layout.y_strides, y_size, x_size)
     rows = launch_config.rows_launch(n, V, device) if n else None
     if rows is not None:
@@ -132,7 +133,7 @@ def plan_backward(layout: Layout, options, dtypes, hard: bool, weighted: bool, n
         flags.update(BLOCK=cfg.block, num_warps=cfg.num_warps)
     return Plan(layout, None, grid, kernel, scalars, flags, rows is None, None, None, y_aligned, dx_strides,
                 need_dx and _same_alignment(layout, dx_strides, x_size, x_size),
-                need_dy and _same_alignment(layout, contiguous, y_size, x_size), (need_dx, inplace, dy_dtype))
+                need_dy and _same_alignment(layout, contiguous, dy_size, x_size), (need_dx, inplace, dy_dtype))
 
 
 def _new(shape, dtype, device):
