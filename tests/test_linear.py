@@ -212,12 +212,15 @@ def test_only_one_chunk_of_logits_at_a_time(backend, device, monkeypatch):
         return out
 
     monkeypatch.setattr(linear_mod.F, "linear", spy)
-    n, V, Hs = 3000, 24, 4
+    # The rule's floor of 1024 rows, scaled down (the interpreter runs a program per row): 20 rows in chunks
+    # of the floor, 8.
+    monkeypatch.setattr(linear_mod, "MIN_CHUNK_ROWS", 8)
+    n, V, Hs = 20, 24, 4
     x = torch.randn(n, Hs, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(V, Hs, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.randint(0, V, (n,), device=device)
     chunk = default_chunk_rows(n, V, Hs)
-    assert chunk == MIN_CHUNK_ROWS < n
+    assert chunk == linear_mod.MIN_CHUNK_ROWS < n
     for reduction in ("mean", "none"):
         rows.clear()
         alive.clear()
