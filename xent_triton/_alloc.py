@@ -1,8 +1,10 @@
-"""Output allocation for both backends.
+"""Poisoned output allocation, for tests.
 
-Every output buffer comes from ``new_output``. Tests set ``POISON`` so that an
-element a kernel forgot to write shows up as that value instead of as whatever
-the allocator handed back.
+Tests set ``POISON`` so that an element a kernel forgot to write shows up as that
+value instead of as whatever the allocator handed back. The fallback allocates its
+outputs with ``new_output``; the Triton backend's ``_new`` reads the same ``POISON``
+(in its own module: a repeat call's route stays within five modules, README "How a
+call flows").
 """
 import torch
 
