@@ -25,6 +25,14 @@ def wide_row_loss(input: torch.dtype, out_dtype: torch.dtype, reduction: str, au
     return autocast or reduction != "none" or out_dtype != input
 
 
+def dlabels_dtype(logits, labels) -> torch.dtype:
+    """The dtype dlabels is written in: the labels', or the accumulation dtype for labels read with stride
+    0 (broadcast), whose gradient is summed over those axes and rounded once, after the sum."""
+    if tuple(labels.shape) != tuple(logits.shape):
+        return acc_dtype(logits.dtype, labels.dtype)
+    return labels.dtype
+
+
 def torch_result_dtype(logits: torch.dtype, labels: Optional[torch.dtype], weight: Optional[torch.dtype],
                        autocast: bool) -> torch.dtype:
     """The dtype torch's ``cross_entropy`` returns: the logits' (float32 under autocast, which leaves

@@ -43,14 +43,14 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, inplace_backwa
     return _run(call, logits, labels, None)[0]
 
 
-def _run(call, input, target, weight):
-    """(loss, lse) of a prepared call: eager calls through the one autograd Function, or without autograd
-    where no gradient is asked for; the dispatcher's calls through the custom ops."""
+def _run(call, input, target, weight, apply=CrossEntropyFunction.apply):
+    """(loss, lse) of a prepared call: eager calls through the one autograd Function (``apply``), or without
+    autograd where no gradient is asked for; the dispatcher's calls through the custom ops."""
     if not call.direct:
         return ops.loss(call, input, target, weight)
     if call.backward_plan is None and forward_ad._current_level < 0:
         return run_forward(call, input, target, weight)[:2]  # (dual tensors get the Function's error)
-    return CrossEntropyFunction.apply(input, target, weight, call)
+    return apply(input, target, weight, call)
 
 
 class SoftmaxCrossEntropyFunction(CrossEntropyFunction):
@@ -61,9 +61,7 @@ class SoftmaxCrossEntropyFunction(CrossEntropyFunction):
     @classmethod
     def apply(cls, labels, logits, axis=-1):
         call = prepare.softmax_cross_entropy_with_logits(labels, logits, axis, False)
-        if call.direct:
-            return super().apply(logits, labels, None, call)[0]
-        return ops.loss(call, logits, labels, None)[0]
+        return _run(call, logits, labels, None, super().apply)[0]
 
 
 def sparse_softmax_cross_entropy_with_logits(labels, logits, *, inplace_backward=False):

@@ -21,18 +21,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import config, prepare
-from .dtypes import acc_dtype, row_loss_dtype
+from . import prepare
+from .dtypes import acc_dtype, dlabels_dtype, row_loss_dtype
 from .function import mean_denominator, reduce, second_order, to_inputs
 from .layout import batch_shape, check_inplace, grad_buffer_shape, make_rows, stats_shape
-
-
-def _backend(device: torch.device):
-    if config.choose_backend(device.type, config.active) == "triton":
-        from . import triton_backend as backend
-    else:
-        from . import torch_backend as backend
-    return backend
 
 
 def _on_device(device: torch.device, fn, *args):
@@ -53,7 +45,7 @@ def _forward_impl(
     """Per-row (loss, lse) of the logits' batch shape, and the (rows, 3) statistics. ``class_offset``/
     ``n_classes`` describe a vocabulary shard."""
     layout, x, y, t, w = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
-    backend = _backend(logits.device)
+    backend = prepare.backend_for(logits.device)
     options = (ignore_index, label_smoothing, lse_square_scale, softcap)
     plan = backend.plan_forward(layout, options, (x.dtype, None if y is None else y.dtype),
                                 row_loss_dtype(logits.dtype, None if labels is None else labels.dtype, loss_fp32),
@@ -77,13 +69,6 @@ def _(logits, labels, target, weight, axis, ignore_index, label_smoothing, lse_s
             logits.new_empty(stats_shape(math.prod(shape)), dtype=stat))
 
 
-def _dlabels_dtype(logits, labels):
-    """Labels read with stride 0 get an fp32/fp64 buffer: summed over those axes, rounded once."""
-    if tuple(labels.shape) != tuple(logits.shape):
-        return acc_dtype(logits.dtype, labels.dtype)
-    return labels.dtype
-
-
 def _backward_impl(
     grad: Tensor, logits: Tensor, labels: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
     stats: Tensor, axis: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
@@ -91,11 +76,11 @@ def _backward_impl(
 ) -> Tuple[Tensor, Tensor]:
     """(dlogits, dlabels) from the forward's ``stats``; a gradient not asked for comes back as an empty tensor."""
     layout, x, y, t, w = make_rows(logits, labels, target, weight, axis, class_offset, n_classes)
-    backend = _backend(logits.device)
+    backend = prepare.backend_for(logits.device)
     options = (ignore_index, label_smoothing, lse_square_scale, softcap)
     plan = backend.plan_backward(layout, options, (x.dtype, None if y is None else y.dtype), t is not None,
                                  w is not None, need_dlogits, need_dlabels,
-                                 _dlabels_dtype(logits, labels) if need_dlabels else None, False, False,
+                                 dlabels_dtype(logits, labels) if need_dlabels else None, False, False,
                                  logits.device)
     # The op's statistics come back contiguous, as the kernels read them, unless a compiler laid them out anew.
     dx, dy = _on_device(logits.device, backend.backward, plan, x, y, t, w, grad, stats.contiguous())
@@ -111,7 +96,7 @@ def _(grad, logits, labels, target, weight, stats, axis, ignore_index, label_smo
       softcap, need_dlogits, need_dlabels, class_offset=0, n_classes=-1):
     shape = grad_buffer_shape(logits.shape, axis)
     dx = torch.empty(shape, dtype=logits.dtype, device=logits.device) if need_dlogits else None
-    dy = torch.empty(shape, dtype=_dlabels_dtype(logits, labels), device=logits.device) if need_dlabels else None
+    dy = torch.empty(shape, dtype=dlabels_dtype(logits, labels), device=logits.device) if need_dlabels else None
     dx, dy = to_inputs(dx, dy, logits, labels, axis)
     return (logits.new_empty(0) if dx is None else dx), (logits.new_empty(0) if dy is None else dy)
 
@@ -203,7 +188,7 @@ def backward_inplace(grad, logits, labels, target, weight, stats, axis, ignore_i
     """dlogits written over ``logits`` (eager only: linear.py's chunks, which it owns)."""
     layout, x, y, t, w = make_rows(logits, labels, target, weight, axis)
     check_inplace(x, logits, axis)
-    backend = _backend(logits.device)
+    backend = prepare.backend_for(logits.device)
     plan = backend.plan_backward(layout, (ignore_index, label_smoothing, lse_square_scale, softcap),
                                  (x.dtype, None if y is None else y.dtype), t is not None, w is not None, True, False,
                                  None, False, True, logits.device)

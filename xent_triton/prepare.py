@@ -52,6 +52,16 @@ def in_functorch() -> bool:
     return _functorch_level is None or _functorch_level() is not None
 
 
+def backend_for(device: torch.device):
+    """The backend module (triton_backend or torch_backend) that runs calls on ``device`` under the
+    configuration in force (config.choose_backend)."""
+    if config.choose_backend(device.type, config.active) == "triton":
+        from . import triton_backend as backend
+    else:
+        from . import torch_backend as backend
+    return backend
+
+
 class Call:
     """What one call signature decides; see the module docstring. Holds no tensor."""
 
@@ -77,12 +87,7 @@ class Call:
         # Row views that are the tensors themselves: a repeat call passes them on as they are.
         self.as_is = x is input and y is labels and t is index and w is weight
         self.layout = layout
-        name = config.choose_backend(input.device.type, config.active)
-        if name == "triton":
-            from . import triton_backend as backend
-        else:
-            from . import torch_backend as backend
-        self.backend = backend
+        self.backend = backend = backend_for(input.device)
         types = (input.dtype, None if labels is None else labels.dtype)
         self.forward_plan = backend.plan_forward(layout, options, types, self.loss_dtype, self.hard, self.weighted,
                                                  input.device)
@@ -91,9 +96,7 @@ class Call:
         if need_dx or need_dy:
             # The mean of class indices divides by a device tensor: the kernels divide the gradient by it.
             divide = reduction == "mean" and self.hard
-            dy_dtype = None
-            if need_dy:  # labels read with stride 0 get an fp32 buffer, summed over those axes, rounded once
-                dy_dtype = layout.acc if tuple(labels.shape) != tuple(input.shape) else labels.dtype
+            dy_dtype = dtypes.dlabels_dtype(input, labels) if need_dy else None
             self.backward_plan = backend.plan_backward(layout, options, types, self.hard, self.weighted, need_dx,
                                                        need_dy, dy_dtype, divide, inplace, input.device)
 

@@ -156,18 +156,16 @@ def forward(plan: Plan, x, y, t, w):
     # Unused pointers are given the logits: constexpr flags compile their loads out.
     inputs = (x, *layout.x_strides, x if y is None else y, *layout.y_strides, x if t is None else t,
               *layout.t_strides, x if w is None else w)
-    if plan.part_shape is None:
-        if plan.per_row:
-            aligned = plan.y_aligned and (y.data_ptr() - x.data_ptr()) % 16 == 0
-            plan.kernel[plan.grid](*inputs, loss, lse, stats, lse, *plan.scalars, Y_ALIGNED=aligned, **plan.flags)
-        else:
-            plan.kernel[plan.grid](*inputs, loss, lse, stats, *plan.scalars, **plan.flags)
+    if not plan.per_row:
+        plan.kernel[plan.grid](*inputs, loss, lse, stats, *plan.scalars, **plan.flags)
         return loss, lse, stats
-    part = _new(plan.part_shape, layout.acc, dev)
+    # A split row's partial statistics; without a split the kernel writes none (it is given lse).
+    part = lse if plan.part_shape is None else _new(plan.part_shape, layout.acc, dev)
     aligned = plan.y_aligned and (y.data_ptr() - x.data_ptr()) % 16 == 0
     plan.kernel[plan.grid](*inputs, loss, lse, stats, part, *plan.scalars, Y_ALIGNED=aligned, **plan.flags)
-    combine, scalars, flags = plan.combine
-    combine[(n,)](*inputs[-4:], loss, lse, stats, part, *scalars, **flags)
+    if plan.combine is not None:
+        combine, scalars, flags = plan.combine
+        combine[(n,)](*inputs[-4:], loss, lse, stats, part, *scalars, **flags)
     return loss, lse, stats
 
 
